@@ -1,0 +1,32 @@
+/* optim: AdamW on flat buffers, the learning-rate schedule, gradient clipping. */
+#ifndef BAM_OPTIM_H
+#define BAM_OPTIM_H
+
+#include <stddef.h>
+
+#include "bam/model.h"
+
+typedef struct {
+  float beta1, beta2, eps, weight_decay;
+} bam_adamw_hparams;
+
+/* One AdamW step (decoupled weight decay, bias-corrected; step counts from 1) over a flat
+ * range:  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ *         p -= lr * ( m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p )      wd only if decay. */
+void bam_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr,
+                      const bam_adamw_hparams *h, int step, int decay);
+/* The same over every tensor of a model layout (decay per tensor's flag). */
+void bam_adamw_step(float *params, const float *grads, float *m, float *v,
+                    const bam_tensor_info *tensors, int n_tensors, float lr,
+                    const bam_adamw_hparams *h, int step);
+
+/* Linear warm-up from lr/warmup to peak over `warmup` steps, then cosine decay to
+ * min_ratio * peak at `total`; step counts from 0. */
+float bam_lr_at(int step, int warmup, int total, float peak, float min_ratio);
+
+/* L2 norm of a flat buffer (accumulated in double, fixed order: deterministic). */
+double bam_grad_norm(const float *g, size_t n);
+/* Scale g so its norm is at most max_norm; returns the norm before clipping. */
+double bam_clip_grad(float *g, size_t n, double max_norm);
+
+#endif

@@ -1,0 +1,134 @@
+#include "bam/core.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int log_rank = 0;
+static int log_world = 1;
+
+void bam_log_init(int rank, int world_size) {
+  log_rank = rank;
+  log_world = world_size;
+}
+
+int bam_log_rank(void) { return log_rank; }
+
+void bam_log(const char *fmt, ...) {
+  if (log_rank != 0) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stdout, fmt, ap);
+  va_end(ap);
+  fflush(stdout);
+}
+
+void bam_warn(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  if (log_world > 1) fprintf(stderr, "[rank %d] ", log_rank);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fflush(stderr);
+}
+
+double bam_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void *bam_alloc(size_t bytes) {
+  if (bytes == 0) bytes = 64;
+  size_t rounded = (bytes + 63) & ~(size_t)63;
+  void *p = aligned_alloc(64, rounded);
+  if (p) memset(p, 0, rounded);
+  return p;
+}
+
+void bam_free(void *p) { free(p); }
+
+bam_status bam_alloc_checked(void **out, size_t bytes, const char *what) {
+  *out = bam_alloc(bytes);
+  if (!*out) {
+    char b[32];
+    bam_format_bytes(b, sizeof b, (double)bytes);
+    BAM_FAIL(BAM_ERR_NOMEM, "cannot allocate %s for %s", b, what);
+  }
+  return BAM_OK;
+}
+
+void bam_format_bytes(char *buf, size_t n, double bytes) {
+  const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 4) {
+    bytes /= 1024.0;
+    u++;
+  }
+  snprintf(buf, n, u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
+}
+
+/* ---- RNG ---- */
+uint64_t bam_hash64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+void bam_rng_seed(bam_rng *r, uint64_t seed, uint64_t stream) {
+  uint64_t x = bam_hash64(seed) ^ bam_hash64(stream + 0x632be59bd9b4e019ULL);
+  for (int i = 0; i < 4; i++) {
+    x += 0x9e3779b97f4a7c15ULL;
+    r->s[i] = bam_hash64(x);
+  }
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t bam_rng_u64(bam_rng *r) {
+  uint64_t *s = r->s;
+  uint64_t result = rotl(s[1] * 5, 7) * 9;
+  uint64_t t = s[1] << 17;
+  s[2] ^= s[0];
+  s[3] ^= s[1];
+  s[1] ^= s[2];
+  s[0] ^= s[3];
+  s[2] ^= t;
+  s[3] = rotl(s[3], 45);
+  return result;
+}
+
+double bam_rng_uniform(bam_rng *r) { return (double)(bam_rng_u64(r) >> 11) * 0x1.0p-53; }
+
+uint64_t bam_rng_below(bam_rng *r, uint64_t n) {
+  if (n <= 1) return 0;
+  uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+  uint64_t x;
+  do x = bam_rng_u64(r);
+  while (x >= limit);
+  return x % n;
+}
+
+float bam_rng_normal(bam_rng *r) {
+  double u1 = bam_rng_uniform(r), u2 = bam_rng_uniform(r);
+  if (u1 < 1e-300) u1 = 1e-300;
+  return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+}
+
+int bam_str_ends_with(const char *s, const char *suffix) {
+  size_t a = strlen(s), b = strlen(suffix);
+  return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+size_t bam_strlcpy(char *dst, const char *src, size_t n) {
+  size_t len = strlen(src);
+  if (n) {
+    size_t c = len < n - 1 ? len : n - 1;
+    memcpy(dst, src, c);
+    dst[c] = 0;
+  }
+  return len;
+}
