@@ -1,2 +1,76 @@
-#include <stdio.h>
-int main(void) { puts("bam: under construction"); return 0; }
+/* bam: one program, one subcommand per pipeline step. Every rank runs main; a failure on any
+ * rank prints its one-line message and aborts the whole MPI job, so no rank is left waiting
+ * in a collective. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+#define BAM_VERSION "0.1.0"
+
+static const char *USAGE =
+    "usage: bam <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  pretrain  --config FILE [--set section.key=value ...]   train the dense seed model\n"
+    "  eval      --checkpoint FILE [--domains a,b] [--max-tokens N] [--data DIR]\n"
+    "            per-domain loss, perplexity and bits per byte (with a unigram baseline)\n"
+    "  generate  --checkpoint FILE --prompt TEXT [--tokens N] [--temperature T] [--top-k K]\n"
+    "            [--seed S] [--data DIR]   sample a continuation\n"
+    "  version   print the version\n"
+    "\n"
+    "Run under MPI with: mpirun -np P bam <command> ...  (threads per rank: OMP_NUM_THREADS)\n"
+    "Set BAM_TRACE=1 to print the call trace of an error.\n";
+
+typedef struct {
+  const char *name;
+  bam_status (*run)(cli_args *, MPI_Comm);
+} command;
+
+static const command COMMANDS[] = {
+    {"pretrain", cmd_pretrain},
+    {"eval", cmd_eval},
+    {"generate", cmd_generate},
+};
+
+int main(int argc, char **argv) {
+  int provided;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  int rank, world;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  bam_log_init(rank, world);
+
+  if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+    if (rank == 0) fputs(USAGE, argc < 2 ? stderr : stdout);
+    MPI_Finalize();
+    return argc < 2 ? 2 : 0;
+  }
+  if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+    bam_log("bam %s\n", BAM_VERSION);
+    MPI_Finalize();
+    return 0;
+  }
+  const command *cmd = NULL;
+  for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++)
+    if (!strcmp(argv[1], COMMANDS[i].name)) cmd = &COMMANDS[i];
+  if (!cmd) {
+    if (rank == 0) fprintf(stderr, "bam: unknown command '%s'\n\n%s", argv[1], USAGE);
+    MPI_Finalize();
+    return 2;
+  }
+  cli_args a = {.argc = argc, .argv = argv, .i = 2};
+  bam_status st = cmd->run(&a, MPI_COMM_WORLD);
+  if (st != BAM_OK) {
+    if (world > 1) fprintf(stderr, "bam %s: error (rank %d): %s\n", cmd->name, rank, bam_error_message());
+    else fprintf(stderr, "bam %s: error: %s\n", cmd->name, bam_error_message());
+    const char *trace = getenv("BAM_TRACE");
+    if (trace && trace[0] == '1') fputs(bam_error_backtrace(), stderr);
+    fflush(stderr);
+    if (world > 1) MPI_Abort(MPI_COMM_WORLD, (int)st);
+    MPI_Finalize();
+    return (int)st;
+  }
+  MPI_Finalize();
+  return 0;
+}

@@ -1,0 +1,62 @@
+/* config: the run configuration, read from an INI file (libinih) plus --set overrides.
+ *
+ * Every key lives in one table (config.c) with its type, range and help, so parsing,
+ * validation, printing and storing the resolved config in a checkpoint share one source of
+ * truth. Unknown sections or keys, malformed or out-of-range values and missing files are
+ * errors naming the file, line and key. */
+#ifndef BAM_CONFIG_H
+#define BAM_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "bam/core.h"
+#include "bam/model.h"
+
+#define BAM_PATH_MAX 512
+
+typedef struct {
+  /* [model] */
+  bam_model_shape model;
+  float init_std;
+  /* [data] */
+  char data_dir[BAM_PATH_MAX];
+  char train_mix[256];    /* "general:0.9,code:0.1" */
+  char eval_domains[256]; /* "general,code,math,legal,reference" */
+  /* [train] */
+  int steps;
+  int batch_size;         /* global sequences per micro-batch (split over ranks) */
+  int grad_accum;         /* micro-batches per optimizer step */
+  float lr;               /* peak learning rate */
+  int warmup_steps;
+  float min_lr_ratio;     /* cosine decays to min_lr_ratio * lr */
+  float weight_decay;
+  float beta1, beta2, adam_eps;
+  float grad_clip;
+  int64_t seed;
+  int log_every;
+  /* [eval] */
+  int eval_every;         /* steps between evaluations; 0: only at the end */
+  int eval_max_tokens;    /* per domain and evaluation; 0: the whole validation split */
+  int eval_batch_size;
+  /* [run] */
+  char out_dir[BAM_PATH_MAX];
+} bam_config;
+
+void bam_config_defaults(bam_config *c);
+/* Read an INI file over the current values. */
+bam_status bam_config_load(bam_config *c, const char *path);
+/* Apply "section.key=value" (from --set). */
+bam_status bam_config_set(bam_config *c, const char *assignment);
+/* Parse INI text held in memory (e.g. the config stored in a checkpoint); origin names it. */
+bam_status bam_config_load_string(bam_config *c, const char *text, const char *origin);
+/* Cross-field checks (model shape, batch vs. ranks done by the caller). */
+bam_status bam_config_validate(const bam_config *c, const char *origin);
+/* The model shape with defaults resolved (n_kv_heads 0 -> n_heads). */
+bam_model_shape bam_config_shape(const bam_config *c);
+/* Write the resolved config as INI text. */
+void bam_config_write(const bam_config *c, FILE *f);
+/* The same into a malloc'd string (caller frees with free()). */
+char *bam_config_to_string(const bam_config *c);
+
+#endif

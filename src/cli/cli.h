@@ -1,0 +1,30 @@
+/* The bam command line: one file per subcommand, sharing argument helpers. */
+#ifndef BAM_CLI_H
+#define BAM_CLI_H
+
+#include <mpi.h>
+
+#include "bam/config.h"
+#include "bam/core.h"
+
+typedef struct {
+  int argc;
+  char **argv;
+  int i; /* next argument */
+} cli_args;
+
+/* The value following argv[i] (option name in argv[i]); fails if missing. */
+bam_status cli_value(cli_args *a, const char **out);
+bam_status cli_int(cli_args *a, long lo, long hi, int *out);
+bam_status cli_float(cli_args *a, double lo, double hi, float *out);
+/* Handles --config/--set into cfg; returns 1 if argv[i] was one of them (and consumed). */
+int cli_config_option(cli_args *a, bam_config *cfg, int *have_config, bam_status *st);
+/* Load the config stored in a checkpoint into cfg. */
+bam_status cli_config_from_checkpoint(const char *path, bam_config *cfg, char *tokenizer_id,
+                                      size_t tok_cap);
+
+bam_status cmd_pretrain(cli_args *a, MPI_Comm comm);
+bam_status cmd_eval(cli_args *a, MPI_Comm comm);
+bam_status cmd_generate(cli_args *a, MPI_Comm comm);
+
+#endif

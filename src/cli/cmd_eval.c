@@ -1,0 +1,40 @@
+#include <string.h>
+
+#include "bam/ckpt.h"
+#include "bam/train.h"
+#include "cli.h"
+
+bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
+  const char *ckpt = NULL, *domains = NULL, *data = NULL;
+  int max_tokens = -1;
+  while (a->i < a->argc) {
+    const char *opt = a->argv[a->i];
+    if (!strcmp(opt, "--checkpoint")) BAM_CHECK(cli_value(a, &ckpt));
+    else if (!strcmp(opt, "--domains")) BAM_CHECK(cli_value(a, &domains));
+    else if (!strcmp(opt, "--data")) BAM_CHECK(cli_value(a, &data));
+    else if (!strcmp(opt, "--max-tokens")) BAM_CHECK(cli_int(a, 0, 1 << 30, &max_tokens));
+    else BAM_FAIL(BAM_ERR_ARG, "eval: unknown option '%s' (see bam help)", opt);
+  }
+  if (!ckpt) BAM_FAIL(BAM_ERR_ARG, "eval: --checkpoint FILE is required");
+  bam_config cfg;
+  char tok_id[64];
+  BAM_CHECK(cli_config_from_checkpoint(ckpt, &cfg, tok_id, sizeof tok_id));
+  if (data) bam_strlcpy(cfg.data_dir, data, sizeof cfg.data_dir);
+  if (!domains) domains = cfg.eval_domains;
+  if (max_tokens < 0) max_tokens = cfg.eval_max_tokens;
+
+  bam_model_shape shape = bam_config_shape(&cfg);
+  bam_model *m = NULL;
+  BAM_CHECK(bam_model_create(&m, &shape, cfg.eval_batch_size));
+  bam_status st = bam_ckpt_load(ckpt, m, NULL, NULL);
+  bam_eval_result r[BAM_MAX_DOMAINS];
+  int n = 0;
+  if (st == BAM_OK) {
+    bam_log("evaluating %s on %s (%s tokens per domain)\n", ckpt, domains,
+            max_tokens ? "capped" : "all");
+    st = bam_evaluate(m, &cfg, domains, max_tokens, cfg.eval_batch_size, 1, tok_id, r, &n, comm);
+  }
+  if (st == BAM_OK && bam_log_rank() == 0) bam_eval_print(r, n, stdout);
+  bam_model_free(&m);
+  return st;
+}
