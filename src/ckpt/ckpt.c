@@ -60,6 +60,7 @@ static bam_status read_attr_str(hid_t obj, const char *name, char **out, const c
     char *v = NULL;
     hid_t mt = H5Tcopy(H5T_C_S1);
     H5Tset_size(mt, H5T_VARIABLE);
+    H5Tset_cset(mt, H5Tget_cset(t)); /* HDF5 will not convert between ASCII and UTF-8 */
     if (H5Aread(a, mt, &v) < 0 || !v)
       st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: cannot read attribute '%s'", path, name);
     else {
@@ -72,6 +73,7 @@ static bam_status read_attr_str(hid_t obj, const char *name, char **out, const c
     char *v = calloc(n + 1, 1);
     hid_t mt = H5Tcopy(H5T_C_S1);
     H5Tset_size(mt, n + 1);
+    H5Tset_cset(mt, H5Tget_cset(t));
     if (!v || H5Aread(a, mt, v) < 0) {
       free(v);
       st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: cannot read attribute '%s'", path, name);

@@ -14,7 +14,7 @@ bam_status cli_value(cli_args *a, const char **out) {
 }
 
 bam_status cli_int(cli_args *a, long lo, long hi, int *out) {
-  const char *opt = a->argv[a->i], *v;
+  const char *opt = a->argv[a->i], *v = NULL;
   BAM_CHECK(cli_value(a, &v));
   char *end;
   errno = 0;
@@ -26,7 +26,7 @@ bam_status cli_int(cli_args *a, long lo, long hi, int *out) {
 }
 
 bam_status cli_float(cli_args *a, double lo, double hi, float *out) {
-  const char *opt = a->argv[a->i], *v;
+  const char *opt = a->argv[a->i], *v = NULL;
   BAM_CHECK(cli_value(a, &v));
   char *end;
   errno = 0;
@@ -38,7 +38,7 @@ bam_status cli_float(cli_args *a, double lo, double hi, float *out) {
 }
 
 int cli_config_option(cli_args *a, bam_config *cfg, int *have_config, bam_status *st) {
-  const char *opt = a->argv[a->i], *v;
+  const char *opt = a->argv[a->i], *v = NULL;
   if (strcmp(opt, "--config") && strcmp(opt, "--set")) return 0;
   *st = cli_value(a, &v);
   if (*st != BAM_OK) return 1;

@@ -84,7 +84,7 @@ int main(void) {
   expect_error(bam_ckpt_load(missing, b, NULL, NULL), "none.h5", "no such checkpoint");
 
   /* a flipped byte inside a tensor: the Fletcher32 checksum refuses it */
-  unsigned char *buf;
+  unsigned char *buf = NULL;
   long n = read_all(path, &buf);
   long at = -1;
   for (long i = 0; i + 16 <= n; i++)

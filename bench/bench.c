@@ -1,0 +1,125 @@
+/* bam-bench: training throughput of the dense model against the machine's sgemm ceiling.
+ *
+ *   build/bam-bench [--shape quick|paper-small|all] [--batch B] [--steps N] [--threads T]
+ *
+ * Prints one JSON line per measurement: first the cblas_sgemm GFLOP/s on square 2048 and on
+ * each matrix shape the model's training step uses, then, per model shape, the median
+ * training-step time over N timed steps (after 2 warm-up steps), tokens/s, model FLOP/s
+ * (3 x forward FLOPs per token, method.md section 5) and its share of the best sgemm rate.
+ * Random tokens: throughput does not depend on the data. */
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bam/model.h"
+#include "bam/optim.h"
+
+typedef struct {
+  const char *name;
+  bam_model_shape shape;
+  int batch;
+} bench_case;
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* GFLOP/s of C(m,n) = A(m,k) B(k,n)^T, median of reps after one warm-up. */
+static double sgemm_gflops(int m, int n, int k, int reps) {
+  float *a = bam_alloc(sizeof(float) * (size_t)m * k), *b = bam_alloc(sizeof(float) * (size_t)n * k);
+  float *c = bam_alloc(sizeof(float) * (size_t)m * n);
+  for (size_t i = 0; i < (size_t)m * k; i++) a[i] = (float)(i % 7) * 0.1f;
+  for (size_t i = 0; i < (size_t)n * k; i++) b[i] = (float)(i % 5) * 0.1f;
+  double t[16];
+  for (int r = -1; r < reps; r++) {
+    double t0 = bam_now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
+    if (r >= 0) t[r] = bam_now() - t0;
+  }
+  bam_free(a), bam_free(b), bam_free(c);
+  return 2.0 * m * n * k / median(t, reps) / 1e9;
+}
+
+int main(int argc, char **argv) {
+  const char *which = "all";
+  int steps = 5, batch = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
+    else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
+    else {
+      fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--steps N] [--batch B] [--threads T]\n");
+      return 2;
+    }
+  }
+  if (steps < 1 || steps > 15) steps = 5;
+  const int threads = omp_get_max_threads();
+  bench_case cases[] = {
+      {"quick", {4, 256, 4, 4, 512, 4096, 256, 0, 10000.0f, 1e-5f}, 16},
+      {"paper-small", {6, 1024, 8, 8, 2048, 4096, 256, 0, 10000.0f, 1e-5f}, 8},
+  };
+  double sq = sgemm_gflops(2048, 2048, 2048, 5);
+  printf("{\"kind\":\"sgemm\",\"shape\":\"square-2048\",\"threads\":%d,\"gflops\":%.1f}\n", threads, sq);
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    bench_case *bc = &cases[c];
+    if (strcmp(which, "all") && strcmp(which, bc->name)) continue;
+    if (batch > 0) bc->batch = batch;
+    const bam_model_shape *s = &bc->shape;
+    const int T = s->seq_len, B = bc->batch, N = B * T;
+    /* The products of a training step: projections, FFN, head (forward shapes). */
+    int shapes[4][3] = {{N, s->d_model, s->d_model}, {N, s->d_ff, s->d_model},
+                        {N, s->d_model, s->d_ff}, {N, s->vocab_size, s->d_model}};
+    double ceiling = sq;
+    for (int i = 0; i < 4; i++) {
+      double g = sgemm_gflops(shapes[i][0], shapes[i][1], shapes[i][2], 5);
+      printf("{\"kind\":\"sgemm\",\"shape\":\"%dx%dx%d\",\"model\":\"%s\",\"threads\":%d,\"gflops\":%.1f}\n",
+             shapes[i][0], shapes[i][1], shapes[i][2], bc->name, threads, g);
+      if (g > ceiling) ceiling = g;
+    }
+    bam_model *m = NULL;
+    if (bam_model_create(&m, s, B) != BAM_OK) {
+      fprintf(stderr, "bam-bench: %s\n", bam_error_message());
+      return 1;
+    }
+    bam_model_init(m, 1, 0.02f);
+    float *am = bam_alloc(m->n_params * sizeof(float)), *av = bam_alloc(m->n_params * sizeof(float));
+    int32_t *x = bam_alloc(sizeof(int32_t) * N), *y = bam_alloc(sizeof(int32_t) * N);
+    bam_rng rng;
+    bam_rng_seed(&rng, 5, 0);
+    for (int i = 0; i < N; i++) x[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
+    for (int i = 0; i < N; i++) y[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
+    const bam_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f};
+    double t[16];
+    for (int r = -2; r < steps; r++) {
+      double t0 = bam_now();
+      float loss;
+      bam_model_zero_grad(m);
+      if (bam_model_forward(m, x, y, B, T, &loss) != BAM_OK || bam_model_backward(m, 1.0f) != BAM_OK) {
+        fprintf(stderr, "bam-bench: %s\n", bam_error_message());
+        return 1;
+      }
+      bam_clip_grad(m->grads_mem, m->n_params, 1.0);
+      bam_adamw_step(m->params_mem, m->grads_mem, am, av, m->tensors, m->n_tensors, 1e-4f, &hp, r + 3);
+      if (r >= 0) t[r] = bam_now() - t0;
+    }
+    double dt = median(t, steps);
+    double flops = 3.0 * bam_model_flops_per_token(s, T) * N;
+    printf("{\"kind\":\"dense\",\"shape\":\"%s\",\"ranks\":1,\"threads\":%d,\"batch\":%d,\"seq_len\":%d,"
+           "\"params\":%zu,\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"model_gflops\":%.2f,"
+           "\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f}\n",
+           bc->name, threads, B, T, m->n_params, dt, N / dt, flops / dt / 1e9, ceiling,
+           flops / dt / 1e9 / ceiling);
+    fflush(stdout);
+    bam_free(am), bam_free(av), bam_free(x), bam_free(y);
+    bam_model_free(&m);
+  }
+  return 0;
+}
