@@ -94,17 +94,24 @@ bam_status bam_model_create(bam_model **out, const bam_model_shape *shape, int m
 void bam_model_free(bam_model **m);
 
 /* Norm scales = 1; every matrix ~ N(0, std^2), output projections (wo, w_down) scaled by
- * 1/sqrt(2 L) (GPT-2 style). Deterministic from seed. */
+ * 1/sqrt(2 L) (GPT-2 style). Deterministic from seed: each (tensor, layer) slice draws from
+ * its own RNG stream keyed by the tensor's name and layer index, so values do not depend on
+ * the layout around it (tied or not, later layers) nor on the thread count. */
 void bam_model_init(bam_model *m, uint64_t seed, float std);
 
 /* Forward over tokens (B, T), T <= seq_len, B <= max_batch. When targets (B, T) is given,
  * returns the mean cross-entropy over the non-ignored targets (target < 0 is ignored) in
- * *loss and keeps what backward needs; per-token losses are available from
- * bam_model_token_losses. Without targets only logits are computed. */
+ * *loss (loss may be NULL) and keeps what backward needs; per-token losses are available
+ * from bam_model_token_losses. Without targets only logits are computed.
+ * If every target is ignored the loss is 0 and the backward adds nothing (not 0/0).
+ * Errors: BAM_ERR_ARG for B or T out of range, BAM_ERR_DATA for a token outside [0, V) or a
+ * target >= V (naming its position), BAM_ERR_NUMERIC for a non-finite loss (*loss is set). */
 bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int T, float *loss);
 /* Backward of the last forward (which must have had targets). Gradients ACCUMULATE into
- * m->grads_mem, scaled by grad_scale (e.g. 1/n_micro for gradient accumulation). */
+ * m->grads_mem, scaled by grad_scale (e.g. 1/n_micro for gradient accumulation). Each
+ * forward can be back-propagated once (the logits become their gradient): a second call,
+ * or one after a forward without targets, fails with BAM_ERR_ARG. */
 bam_status bam_model_backward(bam_model *m, float grad_scale);
 void bam_model_zero_grad(bam_model *m);
 
