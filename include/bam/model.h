@@ -53,11 +53,12 @@ typedef struct {
   float *w_head;  /* (V, d)        output head; == wte when tied (not stored twice) */
 } bam_params;
 
-#define BAM_MAX_TENSORS 16
+#define BAM_MAX_TENSORS 64
+#define BAM_MAX_DIMS 4
 typedef struct {
   const char *name;  /* "wte", "ln", "wq", ... as in bam_params */
   int ndim;
-  int64_t shape[3];
+  int64_t shape[BAM_MAX_DIMS];
   size_t offset;     /* in floats, into the flat buffer */
   size_t numel;
   int decay;         /* 1: weight decay applies (matrices); 0: norms */

@@ -88,7 +88,7 @@ static bam_status read_attr_str(hid_t obj, const char *name, char **out, const c
 
 static bam_status write_tensor(hid_t grp, const bam_tensor_info *ti, const float *data,
                                const char *path, const char *group) {
-  hsize_t dims[3], chunk[3];
+  hsize_t dims[BAM_MAX_DIMS], chunk[BAM_MAX_DIMS];
   size_t chunk_elems = 1;
   for (int i = 0; i < ti->ndim; i++) dims[i] = (hsize_t)ti->shape[i];
   /* Chunks of at most ~1M floats, split along the leading dimensions. */
