@@ -2,12 +2,13 @@
  *
  * Encoding replicates sentencepiece's bpe_model.cc: the normalised text (spaces as U+2581,
  * newlines as U+23CE, malformed UTF-8 bytes as U+FFFD) is split into characters, user-defined
- * symbols matched whole (longest first) and frozen; a max-heap holds every adjacent pair whose
- * concatenation is a piece, keyed by (piece score desc, left position asc); popping the best
- * pair merges it (the right symbol is absorbed into the left one) and pushes the two new
- * pairs it forms. Stale heap entries are recognised lazily, exactly as sentencepiece does, by
- * an emptied symbol or a changed length. O(n log n) in the text length. Symbols that end up
- * outside the vocabulary fall back to their bytes as <0xNN> pieces. */
+ * symbols matched whole (longest first) and never merged; a heap holds every adjacent pair
+ * whose concatenation is a piece, ordered by (piece score desc, left position asc) packed in
+ * one integer key; popping the best pair merges it (the right symbol is absorbed into the left
+ * one) and pushes the two new pairs it forms. Stale heap entries are recognised lazily, as
+ * sentencepiece does, by an emptied symbol or a changed length. O(n log n) in the length of
+ * the longest line, since lines (runs between user-defined symbols) are encoded one at a time.
+ * Symbols that end up outside the vocabulary fall back to their bytes as <0xNN> pieces. */
 #include "bam/tokenizer.h"
 
 #include <errno.h>
@@ -348,7 +349,6 @@ typedef struct {
   uint32_t start, len; /* bytes of the normalised text; len 0 once merged away */
   int32_t prev, next;  /* neighbours in the live list, -1 at the ends */
   int32_t id;          /* the piece it spells, -1 when none */
-  int32_t freeze;      /* a user-defined symbol: never merged */
 } symbol;
 
 typedef struct {
@@ -399,10 +399,11 @@ static pair heap_pop(heap *h) {
   return top;
 }
 
-/* Push the pair (l, r) when both are live, unfrozen, and their concatenation is a piece. */
+/* Push the pair (l, r) when both exist and their concatenation is a piece; 0 when out of
+ * memory. */
 static inline int maybe_add(const bam_tokenizer *t, const char *norm, const symbol *sym, heap *h,
                             int32_t l, int32_t r) {
-  if (l < 0 || r < 0 || sym[l].freeze || sym[r].freeze) return 1;
+  if (l < 0 || r < 0) return 1;
   int id = lookup(t, norm + sym[l].start, sym[l].len + sym[r].len);
   if (id < 0) return 1;
   pair p = {(uint64_t)t->rank[id] << 32 | (uint32_t)l, r, id};
@@ -443,53 +444,28 @@ static size_t normalise(const char *text, size_t len, char *norm) {
   return o;
 }
 
-bam_status bam_tokenizer_encode(const bam_tokenizer *t, const char *text, size_t len,
-                                int32_t *ids, size_t cap, size_t *n) {
-  *n = 0;
-  if (len == 0) return BAM_OK;
-  if (len > (UINT32_MAX - 16) / 3)
-    BAM_FAIL(BAM_ERR_ARG, "tokenizer: text of %zu bytes is too long to encode at once", len);
-  char *norm = malloc(3 * len);
-  symbol *sym = NULL;
-  heap h = {0};
-  bam_status st = BAM_OK;
-  size_t nn = norm ? normalise(text, len, norm) : 0;
-  if (norm) sym = malloc(nn * sizeof *sym);
-  if (!norm || !sym) goto nomem;
-
-  /* Initial symbols: user-defined pieces matched whole (longest first), else characters. */
-  int32_t ns = 0;
-  for (size_t i = 0; i < nn;) {
-    size_t m = 0;
-    int freeze = 0, id = -1;
-    if (t->user_first[(uint8_t)norm[i]]) {
-      for (int u = 0; u < t->n_user; u++) {
-        int uid = t->user[u];
-        if (t->len[uid] <= nn - i && !memcmp(norm + i, t->text + t->off[uid], t->len[uid])) {
-          m = t->len[uid];
-          id = uid;
-          freeze = 1;
-          break;
-        }
-      }
+/* The user-defined piece at p (n bytes left), longest first, or -1; *m gets its length. */
+static inline int match_user(const bam_tokenizer *t, const char *p, size_t n, size_t *m) {
+  if (!t->user_first[(uint8_t)p[0]]) return -1;
+  for (int u = 0; u < t->n_user; u++) {
+    int id = t->user[u];
+    if (t->len[id] <= n && !memcmp(p, t->text + t->off[id], t->len[id])) {
+      *m = t->len[id];
+      return id;
     }
-    if (!m) {
-      m = one_char_len((uint8_t)norm[i]);
-      if (m > nn - i) m = nn - i;
-      id = lookup(t, norm + i, m);
-    }
-    sym[ns] = (symbol){(uint32_t)i, (uint32_t)m, ns - 1, -1, id, freeze};
-    if (ns > 0) sym[ns - 1].next = ns;
-    ns++;
-    i += m;
   }
+  return -1;
+}
 
+/* BPE over one run of ns character symbols (linked in order): merge the best pair until
+ * none is left. Returns 0 when out of memory. */
+static int merge_run(const bam_tokenizer *t, const char *norm, symbol *sym, int32_t ns,
+                     heap *h) {
+  h->n = 0;
   for (int32_t i = 1; i < ns; i++)
-    if (!maybe_add(t, norm, sym, &h, i - 1, i)) goto nomem;
-
-  /* Merge the best pair until none is left. */
-  while (h.n) {
-    pair top = heap_pop(&h);
+    if (!maybe_add(t, norm, sym, h, i - 1, i)) return 0;
+  while (h->n) {
+    pair top = heap_pop(h);
     int32_t left = (int32_t)(uint32_t)top.key;
     symbol *l = &sym[left], *r = &sym[top.right];
     if (l->len == 0 || r->len == 0 || l->len + r->len != t->len[top.id]) continue; /* stale */
@@ -498,25 +474,72 @@ bam_status bam_tokenizer_encode(const bam_tokenizer *t, const char *text, size_t
     l->next = r->next;
     if (r->next >= 0) sym[r->next].prev = left;
     r->len = 0;
-    if (!maybe_add(t, norm, sym, &h, l->prev, left)) goto nomem;
-    if (!maybe_add(t, norm, sym, &h, left, l->next)) goto nomem;
+    if (!maybe_add(t, norm, sym, h, l->prev, left)) return 0;
+    if (!maybe_add(t, norm, sym, h, left, l->next)) return 0;
   }
+  return 1;
+}
 
-  /* Emit ids; symbols outside the vocabulary fall back to bytes (or <unk> without them). */
-  size_t count = 0;
-  for (int32_t i = 0; i >= 0; i = sym[i].next) {
-    int id = sym[i].id;
-    if (id >= 0) {
-      if (count < cap) ids[count] = id;
-      count++;
-    } else if (t->byte_fallback) {
-      for (uint32_t k = 0; k < sym[i].len; k++) {
-        if (count < cap) ids[count] = t->byte_id[(uint8_t)norm[sym[i].start + k]];
-        count++;
+/* Append the ids of a final symbol: its piece, else its bytes (else <unk>). */
+static inline void emit(const bam_tokenizer *t, const char *norm, const symbol *s, int32_t *ids,
+                        size_t cap, size_t *count) {
+  if (s->id >= 0) {
+    if (*count < cap) ids[*count] = s->id;
+    ++*count;
+  } else if (t->byte_fallback) {
+    for (uint32_t k = 0; k < s->len; k++) {
+      if (*count < cap) ids[*count] = t->byte_id[(uint8_t)norm[s->start + k]];
+      ++*count;
+    }
+  } else {
+    if (*count < cap) ids[*count] = t->unk;
+    ++*count;
+  }
+}
+
+bam_status bam_tokenizer_encode(const bam_tokenizer *t, const char *text, size_t len,
+                                int32_t *ids, size_t cap, size_t *n) {
+  *n = 0;
+  if (len == 0) return BAM_OK;
+  if (len > (UINT32_MAX - 16) / 3)
+    BAM_FAIL(BAM_ERR_ARG, "tokenizer: text of %zu bytes is too long to encode at once", len);
+  char *norm = malloc(3 * len);
+  symbol *sym = NULL;
+  size_t sym_cap = 0, count = 0;
+  heap h = {0};
+  bam_status st = BAM_OK;
+  if (!norm) goto nomem;
+  size_t nn = normalise(text, len, norm);
+
+  /* User-defined symbols are matched whole and never merged, so no pair crosses one: the
+   * runs of characters between them (lines, for the newline symbol) are encoded one at a
+   * time, which keeps the symbols and the heap small and in cache. */
+  for (size_t i = 0; i < nn;) {
+    int32_t ns = 0;
+    int user = -1;
+    size_t user_len = 0;
+    while (i < nn && (user = match_user(t, norm + i, nn - i, &user_len)) < 0) {
+      size_t m = one_char_len((uint8_t)norm[i]);
+      if (m > nn - i) m = nn - i;
+      if ((size_t)ns == sym_cap) {
+        sym_cap = sym_cap ? 2 * sym_cap : 256;
+        symbol *grown = realloc(sym, sym_cap * sizeof *grown);
+        if (!grown) goto nomem;
+        sym = grown;
       }
-    } else {
-      if (count < cap) ids[count] = t->unk;
+      sym[ns] = (symbol){(uint32_t)i, (uint32_t)m, ns - 1, ns + 1, lookup(t, norm + i, m)};
+      ns++;
+      i += m;
+    }
+    if (ns) {
+      sym[ns - 1].next = -1;
+      if (!merge_run(t, norm, sym, ns, &h)) goto nomem;
+      for (int32_t k = 0; k >= 0; k = sym[k].next) emit(t, norm, &sym[k], ids, cap, &count);
+    }
+    if (user >= 0) {
+      if (count < cap) ids[count] = user;
       count++;
+      i += user_len;
     }
   }
   *n = count;
