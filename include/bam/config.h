@@ -39,6 +39,9 @@ typedef struct {
   int eval_every;         /* steps between evaluations; 0: only at the end */
   int eval_max_tokens;    /* per domain and evaluation; 0: the whole validation split */
   int eval_batch_size;
+  /* [ckpt] */
+  int ckpt_every;         /* steps between checkpoints; 0: only the final one */
+  int ckpt_keep;          /* checkpoints kept (older ones pruned) */
   /* [run] */
   char out_dir[BAM_PATH_MAX];
 } bam_config;

@@ -53,6 +53,8 @@ static const key_def KEYS[] = {
     {"eval", "max_tokens", K_INT, F(eval_max_tokens), 0, 1 << 30,
      "tokens per domain per evaluation (0: whole split)"},
     {"eval", "batch_size", K_INT, F(eval_batch_size), 1, 1 << 16, "sequences per eval batch"},
+    {"ckpt", "every", K_INT, F(ckpt_every), 0, 1e9, "steps between checkpoints (0: end only)"},
+    {"ckpt", "keep", K_INT, F(ckpt_keep), 1, 1000, "checkpoints kept under <out_dir>/ckpt"},
     {"run", "out_dir", K_STR, F(out_dir), 0, 0, "where checkpoints and logs go"},
 };
 #undef F
@@ -83,6 +85,8 @@ void bam_config_defaults(bam_config *c) {
   c->eval_every = 0;
   c->eval_max_tokens = 65536;
   c->eval_batch_size = 8;
+  c->ckpt_every = 0;
+  c->ckpt_keep = 2;
   bam_strlcpy(c->out_dir, "runs/default", sizeof c->out_dir);
 }
 

@@ -60,6 +60,19 @@ void bam_adamw_step(float *params, const float *grads, float *m, float *v,
   }
 }
 
+void bam_adamw_step_range(float *params, const float *grads, float *m_own, float *v_own,
+                          const bam_tensor_info *tensors, int n_tensors, size_t lo, size_t hi,
+                          float lr, const bam_adamw_hparams *h, int step) {
+  for (int i = 0; i < n_tensors; i++) {
+    const bam_tensor_info *t = &tensors[i];
+    size_t a = t->offset > lo ? t->offset : lo;
+    size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+    if (a >= b) continue;
+    bam_adamw_update(params + a, grads + a, m_own + (a - lo), v_own + (a - lo), b - a, lr, h, step,
+                     t->decay);
+  }
+}
+
 float bam_lr_at(int step, int warmup, int total, float peak, float min_ratio) {
   if (step < 0) step = 0;
   if (step < warmup) return peak * (float)(step + 1) / (float)warmup;
@@ -77,7 +90,7 @@ float bam_lr_at(int step, int warmup, int total, float peak, float min_ratio) {
  * order. The result is therefore bitwise reproducible for any thread count or schedule. */
 #define NORM_CHUNKS 256
 
-static double sum_squares(const float *g, size_t n) {
+double bam_sum_squares(const float *g, size_t n) {
   double part[NORM_CHUNKS];
   const size_t chunk = (n + NORM_CHUNKS - 1) / NORM_CHUNKS;
 #pragma omp parallel for schedule(static) if (n >= PAR_MIN_WORK)
@@ -98,7 +111,12 @@ static double sum_squares(const float *g, size_t n) {
   return s;
 }
 
-double bam_grad_norm(const float *g, size_t n) { return sqrt(sum_squares(g, n)); }
+double bam_grad_norm(const float *g, size_t n) { return sqrt(bam_sum_squares(g, n)); }
+
+void bam_scale(float *g, size_t n, float s) {
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN_WORK)
+  for (size_t i = 0; i < n; i++) g[i] *= s;
+}
 
 double bam_clip_grad(float *g, size_t n, double max_norm) {
   const double norm = bam_grad_norm(g, n);
