@@ -2,9 +2,13 @@
  *
  * A checkpoint file holds:
  *   attributes  format = "bam-checkpoint", version = 1, step, tokens_seen, loader_position,
- *               tokenizer (vocabulary identity), config (the resolved INI text), kind ("dense")
- *   /params/<name>   float32 tensors named and shaped as bam_model_tensors()
+ *               tokenizer (vocabulary identity), config (the resolved INI text), kind ("dense"),
+ *               n_params; files exported from sharded checkpoints (bam/shard.h) also lineage,
+ *               world, and the datasets /loader_state (world) and /rng_state (world x 4)
+ *   /params/<name>   float32 tensors named and shaped as bam_model_tensors(), each with the
+ *                    attributes offset (its place in the flat buffer) and decay
  *   /adam_m/<name>, /adam_v/<name>   AdamW moments (optional)
+ * bam_ckpt_open (bam/shard.h) reads these files too; docs/checkpoint-format.md describes both.
  * Every dataset is chunked with the Fletcher32 checksum filter, so a flipped byte is a read
  * error, never silently wrong weights. Files are written to "<path>.tmp", flushed, fsync'ed
  * and renamed into place: a kill leaves either the old file or the new one, never half of one. */
