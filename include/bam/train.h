@@ -31,8 +31,25 @@ bam_status bam_evaluate(bam_model *m, const bam_config *cfg, const char *domains
                         bam_eval_result *out, int *n_out, MPI_Comm comm);
 void bam_eval_print(const bam_eval_result *r, int n, FILE *f);
 
-/* Dense pretraining as configured; writes <out_dir>/final.h5 and metrics CSVs. */
-bam_status bam_pretrain(const bam_config *cfg, MPI_Comm comm);
+typedef struct {
+  int resume;              /* continue from a checkpoint */
+  const char *resume_path; /* NULL or "": the latest under <out_dir>/ckpt (none: start fresh) */
+  int stop_after;          /* > 0: stop (after checkpointing) once this many steps are done */
+} bam_train_opts;
+
+/* Dense data-parallel pretraining as configured. Gradients are summed over the ranks of comm
+ * in rank order (bam_reduce_scatter_ordered); each rank keeps the AdamW state of its slice of
+ * the parameters only and the updated slices are all-gathered. Writes sharded checkpoints
+ * under <out_dir>/ckpt every ckpt.every steps and at the end, <out_dir>/final.h5 (parameters
+ * only), metrics.csv and eval.csv. SIGTERM or SIGINT makes every rank stop after the current
+ * step and checkpoint; *interrupted is then 1. */
+bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
+                        int *interrupted);
+
+/* Open any checkpoint (a step folder, a run's ckpt folder, or a single-file export), rebuild
+ * its config and model (activations for max_batch sequences) and load its parameters. */
+bam_status bam_model_load(bam_model **out, bam_config *cfg, char *tokenizer_id, size_t tok_cap,
+                          const char *path, int max_batch);
 
 typedef struct {
   int max_new_tokens;

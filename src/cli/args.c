@@ -2,7 +2,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bam/ckpt.h"
 #include "cli.h"
 
 bam_status cli_value(cli_args *a, const char **out) {
@@ -49,17 +48,4 @@ int cli_config_option(cli_args *a, bam_config *cfg, int *have_config, bam_status
     *st = bam_config_set(cfg, v);
   }
   return 1;
-}
-
-bam_status cli_config_from_checkpoint(const char *path, bam_config *cfg, char *tokenizer_id,
-                                      size_t tok_cap) {
-  bam_ckpt_meta meta;
-  BAM_CHECK(bam_ckpt_read_meta(path, &meta));
-  bam_config_defaults(cfg);
-  char origin[BAM_PATH_MAX + 32];
-  snprintf(origin, sizeof origin, "%s (stored config)", path);
-  bam_status st = bam_config_load_string(cfg, meta.config_text, origin);
-  if (tokenizer_id) bam_strlcpy(tokenizer_id, meta.tokenizer, tok_cap);
-  bam_ckpt_meta_free(&meta);
-  return st;
 }

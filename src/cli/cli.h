@@ -19,12 +19,14 @@ bam_status cli_int(cli_args *a, long lo, long hi, int *out);
 bam_status cli_float(cli_args *a, double lo, double hi, float *out);
 /* Handles --config/--set into cfg; returns 1 if argv[i] was one of them (and consumed). */
 int cli_config_option(cli_args *a, bam_config *cfg, int *have_config, bam_status *st);
-/* Load the config stored in a checkpoint into cfg. */
-bam_status cli_config_from_checkpoint(const char *path, bam_config *cfg, char *tokenizer_id,
-                                      size_t tok_cap);
+
+/* Exit code when a command succeeds (0 unless it says otherwise, e.g. interrupted). */
+extern int cli_exit_code;
 
 bam_status cmd_pretrain(cli_args *a, MPI_Comm comm);
 bam_status cmd_eval(cli_args *a, MPI_Comm comm);
 bam_status cmd_generate(cli_args *a, MPI_Comm comm);
+bam_status cmd_inspect(cli_args *a, MPI_Comm comm);
+bam_status cmd_export(cli_args *a, MPI_Comm comm);
 
 #endif

@@ -1,6 +1,5 @@
 #include <string.h>
 
-#include "bam/ckpt.h"
 #include "bam/train.h"
 #include "cli.h"
 
@@ -18,22 +17,16 @@ bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
   if (!ckpt) BAM_FAIL(BAM_ERR_ARG, "eval: --checkpoint FILE is required");
   bam_config cfg;
   char tok_id[64];
-  BAM_CHECK(cli_config_from_checkpoint(ckpt, &cfg, tok_id, sizeof tok_id));
+  bam_model *m = NULL;
+  BAM_CHECK(bam_model_load(&m, &cfg, tok_id, sizeof tok_id, ckpt, 8));
   if (data) bam_strlcpy(cfg.data_dir, data, sizeof cfg.data_dir);
   if (!domains) domains = cfg.eval_domains;
   if (max_tokens < 0) max_tokens = cfg.eval_max_tokens;
-
-  bam_model_shape shape = bam_config_shape(&cfg);
-  bam_model *m = NULL;
-  BAM_CHECK(bam_model_create(&m, &shape, cfg.eval_batch_size));
-  bam_status st = bam_ckpt_load(ckpt, m, NULL, NULL);
   bam_eval_result r[BAM_MAX_DOMAINS];
   int n = 0;
-  if (st == BAM_OK) {
-    bam_log("evaluating %s on %s (%s tokens per domain)\n", ckpt, domains,
-            max_tokens ? "capped" : "all");
-    st = bam_evaluate(m, &cfg, domains, max_tokens, cfg.eval_batch_size, 1, tok_id, r, &n, comm);
-  }
+  if (max_tokens) bam_log("evaluating %s on %s (at most %d tokens per domain)\n", ckpt, domains, max_tokens);
+  else bam_log("evaluating %s on %s (whole validation splits)\n", ckpt, domains);
+  bam_status st = bam_evaluate(m, &cfg, domains, max_tokens, m->max_batch, 1, tok_id, r, &n, comm);
   if (st == BAM_OK && bam_log_rank() == 0) bam_eval_print(r, n, stdout);
   bam_model_free(&m);
   return st;

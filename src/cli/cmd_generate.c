@@ -1,7 +1,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bam/ckpt.h"
 #include "bam/train.h"
 #include "cli.h"
 
@@ -28,27 +27,24 @@ bam_status cmd_generate(cli_args *a, MPI_Comm comm) {
 
   bam_config cfg;
   char tok_id[64];
-  BAM_CHECK(cli_config_from_checkpoint(ckpt, &cfg, tok_id, sizeof tok_id));
+  bam_model *m = NULL;
+  BAM_CHECK(bam_model_load(&m, &cfg, tok_id, sizeof tok_id, ckpt, 1));
   if (data) bam_strlcpy(cfg.data_dir, data, sizeof cfg.data_dir);
   char vocab_path[BAM_PATH_MAX + 32];
   snprintf(vocab_path, sizeof vocab_path, "%s/tokenizer/spm.vocab", cfg.data_dir);
   bam_tokenizer *tok = NULL;
-  BAM_CHECK(bam_tokenizer_load(&tok, vocab_path));
-  bam_status st = BAM_OK;
-  bam_model *m = NULL;
   int32_t *ids = NULL;
+  bam_status st = BAM_OK;
+  BAM_CHECK_GOTO(st, bam_tokenizer_load(&tok, vocab_path), done);
   if (strcmp(bam_tokenizer_id(tok), tok_id) != 0) {
     st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
                        "%s is tokenizer '%s' but %s was trained with '%s' (pass --data)",
                        vocab_path, bam_tokenizer_id(tok), ckpt, tok_id);
     goto done;
   }
-  bam_model_shape shape = bam_config_shape(&cfg);
-  BAM_CHECK_GOTO(st, bam_model_create(&m, &shape, 1), done);
-  BAM_CHECK_GOTO(st, bam_ckpt_load(ckpt, m, NULL, NULL), done);
-  size_t len = strlen(prompt), n = 0;
-  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&ids, sizeof(int32_t) * (len + 1), "prompt"), done);
-  BAM_CHECK_GOTO(st, bam_tokenizer_encode(tok, prompt, len, ids, len + 1, &n), done);
+  size_t len = strlen(prompt), n = 0, cap = 3 * len + 1; /* encode needs at most 3 ids a byte */
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&ids, sizeof(int32_t) * cap, "prompt"), done);
+  BAM_CHECK_GOTO(st, bam_tokenizer_encode(tok, prompt, len, ids, cap, &n), done);
   fputs(prompt, stdout);
   st = bam_generate(m, tok, ids, (int)n, &o, stdout);
 done:

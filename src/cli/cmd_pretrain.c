@@ -6,6 +6,7 @@
 bam_status cmd_pretrain(cli_args *a, MPI_Comm comm) {
   bam_config cfg;
   bam_config_defaults(&cfg);
+  bam_train_opts opts = {0};
   int have_config = 0;
   /* --config must come before --set so overrides win: apply in command-line order, but
    * read the file first if it appears later. */
@@ -20,6 +21,16 @@ bam_status cmd_pretrain(cli_args *a, MPI_Comm comm) {
       a->i += 2; /* already read */
       continue;
     }
+    if (!strcmp(opt, "--resume")) {
+      opts.resume = 1;
+      a->i++;
+      if (a->i < a->argc && strncmp(a->argv[a->i], "--", 2) != 0) opts.resume_path = a->argv[a->i++];
+      continue;
+    }
+    if (!strcmp(opt, "--stop-after")) {
+      BAM_CHECK(cli_int(a, 1, 1 << 30, &opts.stop_after));
+      continue;
+    }
     bam_status st;
     if (cli_config_option(a, &cfg, &have_config, &st)) {
       BAM_CHECK(st);
@@ -32,5 +43,8 @@ bam_status cmd_pretrain(cli_args *a, MPI_Comm comm) {
   bam_log("# resolved config\n");
   if (bam_log_rank() == 0) bam_config_write(&cfg, stdout);
   bam_log("\n");
-  return bam_pretrain(&cfg, comm);
+  int interrupted = 0;
+  BAM_CHECK(bam_pretrain(&cfg, &opts, comm, &interrupted));
+  if (interrupted) cli_exit_code = 143; /* 128 + SIGTERM: stopped, checkpointed, resumable */
+  return BAM_OK;
 }

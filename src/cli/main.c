@@ -12,15 +12,22 @@ static const char *USAGE =
     "usage: bam <command> [options]\n"
     "\n"
     "commands:\n"
-    "  pretrain  --config FILE [--set section.key=value ...]   train the dense seed model\n"
-    "  eval      --checkpoint FILE [--domains a,b] [--max-tokens N] [--data DIR]\n"
+    "  pretrain  --config FILE [--set section.key=value ...] [--resume [CKPT]] [--stop-after N]\n"
+    "            train the dense seed model (data parallel over the MPI ranks)\n"
+    "  eval      --checkpoint PATH [--domains a,b] [--max-tokens N] [--data DIR]\n"
     "            per-domain loss, perplexity and bits per byte (with a unigram baseline)\n"
-    "  generate  --checkpoint FILE --prompt TEXT [--tokens N] [--temperature T] [--top-k K]\n"
+    "  generate  --checkpoint PATH --prompt TEXT [--tokens N] [--temperature T] [--top-k K]\n"
     "            [--seed S] [--data DIR]   sample a continuation\n"
+    "  inspect   PATH   print a checkpoint's tensors, shapes, step and config\n"
+    "  export    PATH --out FILE [--with-moments]   write one consolidated checkpoint file\n"
     "  version   print the version\n"
+    "\n"
+    "A checkpoint PATH is a step folder, a run's ckpt/ folder (its latest step), or an export.\n"
     "\n"
     "Run under MPI with: mpirun -np P bam <command> ...  (threads per rank: OMP_NUM_THREADS)\n"
     "Set BAM_TRACE=1 to print the call trace of an error.\n";
+
+int cli_exit_code = 0;
 
 typedef struct {
   const char *name;
@@ -31,6 +38,8 @@ static const command COMMANDS[] = {
     {"pretrain", cmd_pretrain},
     {"eval", cmd_eval},
     {"generate", cmd_generate},
+    {"inspect", cmd_inspect},
+    {"export", cmd_export},
 };
 
 int main(int argc, char **argv) {
@@ -41,10 +50,15 @@ int main(int argc, char **argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   bam_log_init(rank, world);
 
-  if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-    if (rank == 0) fputs(USAGE, argc < 2 ? stderr : stdout);
+  if (argc < 2) {
+    if (rank == 0) fprintf(stderr, "bam: no command given (run 'bam help' for the commands)\n");
     MPI_Finalize();
-    return argc < 2 ? 2 : 0;
+    return 2;
+  }
+  if (!strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+    if (rank == 0) fputs(USAGE, stdout);
+    MPI_Finalize();
+    return 0;
   }
   if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
     bam_log("bam %s\n", BAM_VERSION);
@@ -55,7 +69,7 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++)
     if (!strcmp(argv[1], COMMANDS[i].name)) cmd = &COMMANDS[i];
   if (!cmd) {
-    if (rank == 0) fprintf(stderr, "bam: unknown command '%s'\n\n%s", argv[1], USAGE);
+    if (rank == 0) fprintf(stderr, "bam: unknown command '%s' (run 'bam help' for the commands)\n", argv[1]);
     MPI_Finalize();
     return 2;
   }
@@ -72,5 +86,5 @@ int main(int argc, char **argv) {
     return (int)st;
   }
   MPI_Finalize();
-  return 0;
+  return cli_exit_code;
 }

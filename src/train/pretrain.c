@@ -1,12 +1,30 @@
+/* Dense data-parallel pretraining.
+ *
+ * One step: every rank runs grad_accum micro-batches of its share of the global batch
+ * (forward, backward, gradients accumulated with scale 1/(grad_accum * world)); the gradient
+ * buffer is reduce-scattered in rank order, so rank r holds the summed gradient of its slice
+ * [lo, hi); the global norm is an ordered sum of per-slice sums of squares; each rank clips
+ * and applies AdamW to its slice with its slice of the moments; the updated slices are
+ * all-gathered. Same rank count: bitwise-identical runs. Other rank counts: the same sums in
+ * another order (float rounding). */
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "bam/ckpt.h"
 #include "bam/optim.h"
+#include "bam/parallel.h"
+#include "bam/shard.h"
 #include "bam/train.h"
+
+static int omp_threads(void) { return omp_get_max_threads(); }
+
+static volatile sig_atomic_t stop_signal = 0;
+static void on_signal(int sig) { stop_signal = sig; }
 
 /* mkdir -p */
 static bam_status make_dirs(const char *path) {
@@ -24,18 +42,6 @@ static bam_status make_dirs(const char *path) {
   return BAM_OK;
 }
 
-static void print_memory(const bam_model *m, int local_batch) {
-  char a[32], b[32], c[32], d[32];
-  double pb = (double)m->n_params * sizeof(float);
-  bam_format_bytes(a, sizeof a, pb);
-  bam_format_bytes(b, sizeof b, pb);
-  bam_format_bytes(c, sizeof c, 2 * pb);
-  bam_format_bytes(d, sizeof d, (double)m->act_bytes);
-  bam_log("model: %zu parameters (%.2fM)\n", m->n_params, m->n_params / 1e6);
-  bam_log("memory per rank: params %s, grads %s, adamw %s, activations %s (batch %d x %d)\n", a,
-          b, c, d, local_batch, m->shape.seq_len);
-}
-
 static void format_eta(char *buf, size_t n, double seconds) {
   if (!(seconds >= 0) || seconds > 1e7) {
     snprintf(buf, n, "?");
@@ -47,178 +53,342 @@ static void format_eta(char *buf, size_t n, double seconds) {
 }
 
 typedef struct {
-  FILE *metrics; /* step,tokens,loss,lr,grad_norm,tokens_per_s */
-  FILE *evals;   /* step,domain,tokens,loss,ppl,bpb */
-} run_logs;
+  const bam_config *cfg;
+  MPI_Comm comm;
+  int rank, world;
+  bam_model *m;
+  bam_exchange *x;
+  size_t lo, hi;           /* this rank's slice of the flat buffers */
+  float *adam_m, *adam_v;  /* AdamW moments of the slice only */
+  bam_loader *loader;
+  int step;                /* optimizer steps done */
+  int64_t tokens_seen;
+  char tok_id[64];
+  char ckpt_dir[BAM_PATH_MAX + 16];
+  int saved_step;          /* step of the newest checkpoint written or loaded */
+  FILE *metrics, *evals;   /* rank 0 only */
+} trainer;
 
-static bam_status run_eval(bam_model *m, const bam_config *cfg, const char *tok_id, int step,
-                           int final, run_logs *logs, MPI_Comm comm) {
+/* Rewrite a CSV keeping the header and the rows whose first field (a step) is <= max_step:
+ * a resumed run continues the log of the run it resumes, without the steps it redoes. */
+static FILE *open_log(const char *path, const char *header, int max_step) {
+  FILE *f = fopen(path, "r");
+  char *kept = NULL;
+  size_t kept_len = 0;
+  FILE *mem = open_memstream(&kept, &kept_len);
+  if (f && mem && max_step > 0) {
+    char line[1024];
+    int first = 1;
+    while (fgets(line, sizeof line, f)) {
+      if (first) { first = 0; continue; }
+      if (atoi(line) <= max_step) fputs(line, mem);
+    }
+  }
+  if (f) fclose(f);
+  if (mem) fclose(mem);
+  f = fopen(path, "w");
+  if (f) {
+    fprintf(f, "%s\n", header);
+    if (kept) fputs(kept, f);
+    fflush(f);
+  }
+  free(kept);
+  return f;
+}
+
+static bam_status open_logs(trainer *t) {
+  if (t->rank != 0) return BAM_OK;
+  const bam_config *cfg = t->cfg;
+  char path[BAM_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/config.ini", cfg->out_dir);
+  FILE *f = fopen(path, "w");
+  if (!f) BAM_FAIL(BAM_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+  bam_config_write(cfg, f);
+  fclose(f);
+  snprintf(path, sizeof path, "%s/metrics.csv", cfg->out_dir);
+  t->metrics = open_log(path, "step,tokens,loss,lr,grad_norm,tokens_per_s,comm_share", t->step);
+  snprintf(path, sizeof path, "%s/eval.csv", cfg->out_dir);
+  t->evals = open_log(path, "step,domain,tokens,loss,ppl,bpb", t->step);
+  if (!t->metrics || !t->evals)
+    BAM_FAIL(BAM_ERR_IO, "%s: cannot write logs: %s", cfg->out_dir, strerror(errno));
+  return BAM_OK;
+}
+
+static bam_status run_eval(trainer *t, int final) {
+  const bam_config *cfg = t->cfg;
   bam_eval_result r[BAM_MAX_DOMAINS];
   int n = 0;
   double t0 = bam_now();
-  BAM_CHECK(bam_evaluate(m, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
-                         final, tok_id, r, &n, comm));
-  bam_log("eval @ step %d (%.1fs):", step, bam_now() - t0);
+  BAM_CHECK(bam_evaluate(t->m, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
+                         final, t->tok_id, r, &n, t->comm));
+  bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
   bam_log("\n");
-  if (final && bam_log_rank() == 0) bam_eval_print(r, n, stdout);
-  if (logs->evals) {
+  if (final && t->rank == 0) bam_eval_print(r, n, stdout);
+  if (t->evals) {
     for (int i = 0; i < n; i++)
-      fprintf(logs->evals, "%d,%s,%lld,%.6f,%.4f,%.6f\n", step, r[i].domain,
+      fprintf(t->evals, "%d,%s,%lld,%.6f,%.4f,%.6f\n", t->step, r[i].domain,
               (long long)r[i].tokens, r[i].loss, r[i].ppl, r[i].bpb);
-    fflush(logs->evals);
+    fflush(t->evals);
   }
   return BAM_OK;
 }
 
-bam_status bam_pretrain(const bam_config *cfg, MPI_Comm comm) {
-  int rank, world;
-  MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &world);
+static bam_status save_checkpoint(trainer *t) {
+  const bam_config *cfg = t->cfg;
+  double t0 = bam_now();
+  char *cfg_text = bam_config_to_string(cfg);
+  int64_t loader_pos = bam_loader_position(t->loader);
+  uint64_t rng[4] = {0, 0, 0, 0}; /* dense training draws no random numbers after init */
+  bam_ckpt_info info = {.step = t->step, .tokens_seen = t->tokens_seen, .config_text = cfg_text,
+                        .world = t->world, .loader_state = &loader_pos, .rng_state = rng};
+  bam_strlcpy(info.kind, "dense", sizeof info.kind);
+  bam_strlcpy(info.tokenizer, t->tok_id, sizeof info.tokenizer);
+  char path[BAM_PATH_MAX + 64];
+  bam_range own = {t->lo, t->hi};
+  bam_status st = bam_ckpt_save_sharded(t->ckpt_dir, &info, t->m->tensors, t->m->n_tensors,
+                                        t->m->n_params, own, t->m->params_mem + t->lo, t->adam_m,
+                                        t->adam_v, cfg->ckpt_keep, t->comm, path, sizeof path);
+  free(cfg_text);
+  BAM_CHECK(st);
+  t->saved_step = t->step;
+  bam_log("checkpoint %s (%.2f s)\n", path, bam_now() - t0);
+  return BAM_OK;
+}
+
+static bam_status resume(trainer *t, const char *path_arg) {
+  char path[BAM_PATH_MAX + 64];
+  if (path_arg && path_arg[0]) {
+    bam_strlcpy(path, path_arg, sizeof path);
+  } else {
+    int found = 0;
+    BAM_CHECK(bam_ckpt_latest(t->ckpt_dir, path, sizeof path, &found));
+    if (!found) {
+      bam_log("resume: no checkpoint under %s, starting from the beginning\n", t->ckpt_dir);
+      return BAM_OK;
+    }
+  }
+  bam_ckpt *c = NULL;
+  BAM_CHECK(bam_ckpt_open(&c, path));
+  bam_status st = BAM_OK;
+  const bam_ckpt_info *info = bam_ckpt_get_info(c);
+  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->m->tensors, t->m->n_tensors, t->m->n_params), done);
+  if (strcmp(info->kind, "dense") != 0) {
+    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: a '%s' checkpoint, pretrain resumes dense ones",
+                       bam_ckpt_path(c), info->kind);
+    goto done;
+  }
+  if (strcmp(info->tokenizer, t->tok_id) != 0) {
+    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
+                       "%s: trained with tokenizer '%s', the data uses '%s'", bam_ckpt_path(c),
+                       info->tokenizer, t->tok_id);
+    goto done;
+  }
+  if (!bam_ckpt_has_moments(c)) {
+    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
+                       "%s holds parameters only (an export?): it cannot resume training",
+                       bam_ckpt_path(c));
+    goto done;
+  }
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->m->n_params}, t->m->params_mem), done);
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_m", (bam_range){t->lo, t->hi}, t->adam_m), done);
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_v", (bam_range){t->lo, t->hi}, t->adam_v), done);
+  t->step = (int)info->step;
+  t->tokens_seen = info->tokens_seen;
+  t->saved_step = t->step;
+  /* The loader state is a count of global batches, the same on every rank and independent
+   * of the rank count, so a checkpoint of P ranks resumes on any other P. */
+  bam_loader_seek(t->loader, info->loader_state[0]);
+  bam_log("resumed from %s: step %d, %lld tokens seen, written by %d rank%s\n", bam_ckpt_path(c),
+          t->step, (long long)t->tokens_seen, info->world, info->world > 1 ? "s" : "");
+done:
+  bam_ckpt_close(&c);
+  return st;
+}
+
+/* One optimizer step; returns the mean loss and the gradient norm before clipping. */
+static bam_status train_step(trainer *t, int32_t *x, int32_t *y, int local_batch, double *loss_out,
+                             double *norm_out, float lr) {
+  const bam_config *cfg = t->cfg;
+  bam_model *m = t->m;
+  const int T = m->shape.seq_len;
+  bam_model_zero_grad(m);
+  double loss_sum = 0;
+  for (int micro = 0; micro < cfg->grad_accum; micro++) {
+    BAM_CHECK(bam_loader_next(t->loader, x, y));
+    float loss;
+    BAM_CHECK(bam_model_forward(m, x, y, local_batch, T, &loss));
+    BAM_CHECK(bam_model_backward(m, 1.0f / (float)(cfg->grad_accum * t->world)));
+    loss_sum += loss;
+  }
+  BAM_CHECK(bam_reduce_scatter_ordered(t->x, m->grads_mem));
+  double sumsq = bam_sum_squares(m->grads_mem + t->lo, t->hi - t->lo);
+  BAM_CHECK(bam_sum_ordered(&sumsq, t->comm));
+  BAM_CHECK(bam_sum_ordered(&loss_sum, t->comm));
+  const double loss = loss_sum / (cfg->grad_accum * t->world), norm = sqrt(sumsq);
+  if (!isfinite(loss) || !isfinite(norm))
+    BAM_FAIL(BAM_ERR_NUMERIC, "training loss %g, gradient norm %g at step %d: lower train.lr or check the data",
+             loss, norm, t->step + 1);
+  if (cfg->grad_clip > 0 && norm > cfg->grad_clip)
+    bam_scale(m->grads_mem + t->lo, t->hi - t->lo, (float)(cfg->grad_clip / norm));
+  const bam_adamw_hparams hp = {cfg->beta1, cfg->beta2, cfg->adam_eps, cfg->weight_decay};
+  bam_adamw_step_range(m->params_mem, m->grads_mem, t->adam_m, t->adam_v, m->tensors, m->n_tensors,
+                       t->lo, t->hi, lr, &hp, t->step + 1);
+  BAM_CHECK(bam_allgather_slices(t->x, m->params_mem));
+  *loss_out = loss;
+  *norm_out = norm;
+  return BAM_OK;
+}
+
+/* Any rank's stop request stops every rank at the same step. */
+static int agree_stop(trainer *t) {
+  int s = stop_signal != 0;
+  if (t->world > 1) MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_INT, MPI_MAX, t->comm);
+  return s;
+}
+
+static void print_memory(const trainer *t, int local_batch) {
+  char a[32], b[32], c[32], d[32];
+  const double pb = (double)t->m->n_params * sizeof(float);
+  bam_format_bytes(a, sizeof a, pb);
+  bam_format_bytes(b, sizeof b, pb);
+  bam_format_bytes(c, sizeof c, 2.0 * (double)(t->hi - t->lo) * sizeof(float));
+  bam_format_bytes(d, sizeof d, (double)t->m->act_bytes);
+  bam_log("model: %zu parameters (%.2fM)\n", t->m->n_params, t->m->n_params / 1e6);
+  bam_log("memory per rank: params %s, grads %s, adamw %s (its 1/%d slice), activations %s "
+          "(batch %d x %d)\n", a, b, c, t->world, d, local_batch, t->m->shape.seq_len);
+}
+
+bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
+                        int *interrupted) {
+  trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1};
+  MPI_Comm_rank(comm, &t.rank);
+  MPI_Comm_size(comm, &t.world);
+  *interrupted = 0;
   bam_model_shape shape = bam_config_shape(cfg);
   const int T = shape.seq_len;
-  if (cfg->batch_size % world)
+  if (cfg->batch_size % t.world)
     BAM_FAIL(BAM_ERR_CONFIG, "train.batch_size (%d) must be divisible by the number of ranks (%d)",
-             cfg->batch_size, world);
-  const int local_batch = cfg->batch_size / world;
+             cfg->batch_size, t.world);
+  const int local_batch = cfg->batch_size / t.world;
+  snprintf(t.ckpt_dir, sizeof t.ckpt_dir, "%s/ckpt", cfg->out_dir);
   bam_status st = BAM_OK;
 
   bam_tokenizer *tok = NULL;
   char vocab_path[BAM_PATH_MAX + 32];
   snprintf(vocab_path, sizeof vocab_path, "%s/tokenizer/spm.vocab", cfg->data_dir);
   BAM_CHECK(bam_tokenizer_load(&tok, vocab_path));
-  if (bam_tokenizer_vocab_size(tok) != shape.vocab_size) {
-    int v = bam_tokenizer_vocab_size(tok);
-    bam_tokenizer_free(&tok);
-    BAM_FAIL(BAM_ERR_CONFIG, "%s has %d pieces but model.vocab_size is %d", vocab_path, v,
-             shape.vocab_size);
-  }
-  char tok_id[64];
-  bam_strlcpy(tok_id, bam_tokenizer_id(tok), sizeof tok_id);
+  int vocab = bam_tokenizer_vocab_size(tok);
+  bam_strlcpy(t.tok_id, bam_tokenizer_id(tok), sizeof t.tok_id);
   bam_tokenizer_free(&tok);
+  if (vocab != shape.vocab_size)
+    BAM_FAIL(BAM_ERR_CONFIG, "%s has %d pieces but model.vocab_size is %d", vocab_path, vocab,
+             shape.vocab_size);
 
   bam_mix mix;
   BAM_CHECK(bam_mix_parse(&mix, cfg->train_mix));
-  bam_loader *loader = NULL;
-  BAM_CHECK(bam_loader_create(&loader, cfg->data_dir, &mix, "train", T, cfg->batch_size, rank,
-                              world, (uint64_t)cfg->seed, shape.vocab_size));
-
-  bam_model *m = NULL;
-  float *adam_m = NULL, *adam_v = NULL;
+  BAM_CHECK(bam_loader_create(&t.loader, cfg->data_dir, &mix, "train", T, cfg->batch_size, t.rank,
+                              t.world, (uint64_t)cfg->seed, shape.vocab_size));
   int32_t *x = NULL, *y = NULL;
-  run_logs logs = {0};
-  int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
-  BAM_CHECK_GOTO(st, bam_model_create(&m, &shape, max_batch), done);
-  bam_model_init(m, (uint64_t)cfg->seed, cfg->init_std);
-  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&adam_m, m->n_params * sizeof(float), "AdamW m"), done);
-  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&adam_v, m->n_params * sizeof(float), "AdamW v"), done);
+  const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
+  BAM_CHECK_GOTO(st, bam_model_create(&t.m, &shape, max_batch), done);
+  bam_model_init(t.m, (uint64_t)cfg->seed, cfg->init_std);
+  BAM_CHECK_GOTO(st, bam_exchange_create(&t.x, t.m->n_params, comm), done);
+  bam_exchange_range(t.x, t.rank, &t.lo, &t.hi);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_m, (t.hi - t.lo + 1) * sizeof(float), "AdamW m"), done);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_v, (t.hi - t.lo + 1) * sizeof(float), "AdamW v"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&x, sizeof(int32_t) * local_batch * T, "inputs"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&y, sizeof(int32_t) * local_batch * T, "targets"), done);
-  print_memory(m, local_batch);
-
-  if (rank == 0) {
-    BAM_CHECK_GOTO(st, make_dirs(cfg->out_dir), done);
-    char path[BAM_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/config.ini", cfg->out_dir);
-    FILE *f = fopen(path, "w");
-    if (f) {
-      bam_config_write(cfg, f);
-      fclose(f);
-    }
-    snprintf(path, sizeof path, "%s/metrics.csv", cfg->out_dir);
-    logs.metrics = fopen(path, "w");
-    snprintf(path, sizeof path, "%s/eval.csv", cfg->out_dir);
-    logs.evals = fopen(path, "w");
-    if (!logs.metrics || !logs.evals) {
-      st = bam_error_set(BAM_ERR_IO, __FILE__, __LINE__, "%s: cannot write logs: %s", cfg->out_dir,
-                         strerror(errno));
-      goto done;
-    }
-    fprintf(logs.metrics, "step,tokens,loss,lr,grad_norm,tokens_per_s\n");
-    fprintf(logs.evals, "step,domain,tokens,loss,ppl,bpb\n");
+  print_memory(&t, local_batch);
+  if (t.rank == 0) st = make_dirs(cfg->out_dir);
+  MPI_Bcast(&st, 1, MPI_INT, 0, comm);
+  if (st != BAM_OK) {
+    if (t.rank != 0) st = bam_error_set(st, __FILE__, __LINE__, "rank 0 could not create %s", cfg->out_dir);
+    goto done;
   }
+  if (opts && opts->resume) BAM_CHECK_GOTO(st, resume(&t, opts->resume_path), done);
+  BAM_CHECK_GOTO(st, open_logs(&t), done);
 
-  const bam_adamw_hparams hp = {cfg->beta1, cfg->beta2, cfg->adam_eps, cfg->weight_decay};
   const int64_t tokens_per_step = (int64_t)cfg->batch_size * cfg->grad_accum * T;
-  const double flops_per_step = 3.0 * bam_model_flops_per_token(&shape, T) * tokens_per_step;
-  bam_log("training: %d steps x %lld tokens (%d seq x %d micro-batches x %d tokens) on %d rank%s\n",
-          cfg->steps, (long long)tokens_per_step, cfg->batch_size, cfg->grad_accum, T, world,
-          world > 1 ? "s" : "");
-  double t_start = bam_now(), t_window = t_start;
-  int64_t tokens_seen = 0;
-  for (int step = 0; step < cfg->steps; step++) {
-    bam_model_zero_grad(m);
-    double loss_sum = 0;
-    for (int micro = 0; micro < cfg->grad_accum; micro++) {
-      BAM_CHECK_GOTO(st, bam_loader_next(loader, x, y), done);
-      float loss;
-      BAM_CHECK_GOTO(st, bam_model_forward(m, x, y, local_batch, T, &loss), done);
-      BAM_CHECK_GOTO(st, bam_model_backward(m, 1.0f / (float)(cfg->grad_accum * world)), done);
-      loss_sum += loss;
-    }
-    if (world > 1) {
-      /* Every rank holds the gradient of its share of the batch, pre-scaled by 1/world. */
-      MPI_Allreduce(MPI_IN_PLACE, m->grads_mem, (int)m->n_params, MPI_FLOAT, MPI_SUM, comm);
-      MPI_Allreduce(MPI_IN_PLACE, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, comm);
-      loss_sum /= world;
-    }
-    double loss = loss_sum / cfg->grad_accum;
-    if (!isfinite(loss)) {
-      st = bam_error_set(BAM_ERR_NUMERIC, __FILE__, __LINE__,
-                         "training loss is %f at step %d: lower train.lr or check the data",
-                         loss, step + 1);
-      goto done;
-    }
-    double gnorm = cfg->grad_clip > 0 ? bam_clip_grad(m->grads_mem, m->n_params, cfg->grad_clip)
-                                      : bam_grad_norm(m->grads_mem, m->n_params);
-    float lr = bam_lr_at(step, cfg->warmup_steps, cfg->steps, cfg->lr, cfg->min_lr_ratio);
-    bam_adamw_step(m->params_mem, m->grads_mem, adam_m, adam_v, m->tensors, m->n_tensors, lr, &hp,
-                   step + 1);
-    tokens_seen += tokens_per_step;
+  const double flops_per_step = 3.0 * bam_model_flops_per_token(&shape, T) * (double)tokens_per_step;
+  const int last = opts && opts->stop_after > 0 && opts->stop_after < cfg->steps ? opts->stop_after
+                                                                                 : cfg->steps;
+  bam_log("training: steps %d..%d of %d, %lld tokens a step (%d seq x %d micro-batches x %d "
+          "tokens) on %d rank%s x %d thread%s\n", t.step + 1, last, cfg->steps,
+          (long long)tokens_per_step, cfg->batch_size, cfg->grad_accum, T, t.world,
+          t.world > 1 ? "s" : "", omp_threads(), omp_threads() > 1 ? "s" : "");
+  struct sigaction sa = {0}, old_term, old_int;
+  sa.sa_handler = on_signal;
+  sigaction(SIGTERM, &sa, &old_term);
+  sigaction(SIGINT, &sa, &old_int);
+  stop_signal = 0;
 
-    int done_steps = step + 1;
-    if (done_steps % cfg->log_every == 0 || done_steps == 1 || done_steps == cfg->steps) {
-      double now = bam_now();
-      int window_steps = done_steps == 1 ? 1 : (done_steps % cfg->log_every ? done_steps % cfg->log_every : cfg->log_every);
-      double dt = (now - t_window) / window_steps;
-      t_window = now;
-      double tps = tokens_per_step / dt;
+  const int first = t.step;
+  double t_start = bam_now(), t_window = t_start, comm_window = 0;
+  int window_steps = 0;
+  while (t.step < last) {
+    const float lr = bam_lr_at(t.step, cfg->warmup_steps, cfg->steps, cfg->lr, cfg->min_lr_ratio);
+    double loss = 0, norm = 0;
+    const double comm_before = bam_exchange_seconds(t.x);
+    BAM_CHECK_GOTO(st, train_step(&t, x, y, local_batch, &loss, &norm, lr), done_signals);
+    comm_window += bam_exchange_seconds(t.x) - comm_before;
+    t.step++;
+    t.tokens_seen += tokens_per_step;
+    window_steps++;
+    if (t.step % cfg->log_every == 0 || t.step == first + 1 || t.step == last) {
+      const double now = bam_now(), dt = (now - t_window) / window_steps;
+      const double tps = (double)tokens_per_step / dt, comm_share = comm_window / (now - t_window);
       char eta[32];
-      format_eta(eta, sizeof eta, (now - t_start) / done_steps * (cfg->steps - done_steps));
-      bam_log("step %5d/%d | loss %.4f | lr %.3e | grad norm %7.3f | %8.0f tok/s | %5.1f GFLOP/s | eta %s\n",
-              done_steps, cfg->steps, loss, lr, gnorm, tps, flops_per_step / dt / 1e9, eta);
-      if (logs.metrics) {
-        fprintf(logs.metrics, "%d,%lld,%.6f,%.6e,%.6f,%.1f\n", done_steps, (long long)tokens_seen,
-                loss, lr, gnorm, tps);
-        fflush(logs.metrics);
+      format_eta(eta, sizeof eta, (now - t_start) / (t.step - first) * (last - t.step));
+      bam_log("step %5d/%d | loss %.4f | lr %.3e | grad norm %7.3f | %7.0f tok/s | %5.1f GFLOP/s"
+              " | eta %s\n", t.step, cfg->steps, loss, lr, norm, tps, flops_per_step / dt / 1e9, eta);
+      if (t.world > 1) bam_log("           communication %.1f%% of step time\n", 100 * comm_share);
+      if (t.metrics) {
+        fprintf(t.metrics, "%d,%lld,%.17g,%.9g,%.9g,%.1f,%.4f\n", t.step, (long long)t.tokens_seen,
+                loss, lr, norm, tps, comm_share);
+        fflush(t.metrics);
       }
+      t_window = now, comm_window = 0, window_steps = 0;
     }
-    if (cfg->eval_every > 0 && done_steps % cfg->eval_every == 0 && done_steps != cfg->steps)
-      BAM_CHECK_GOTO(st, run_eval(m, cfg, tok_id, done_steps, 0, &logs, comm), done);
+    if (cfg->eval_every > 0 && t.step % cfg->eval_every == 0 && t.step != cfg->steps)
+      BAM_CHECK_GOTO(st, run_eval(&t, 0), done_signals);
+    int stop = agree_stop(&t);
+    if ((cfg->ckpt_every > 0 && t.step % cfg->ckpt_every == 0) || stop || t.step == last)
+      BAM_CHECK_GOTO(st, save_checkpoint(&t), done_signals);
+    if (stop) {
+      bam_log("stopping on signal %d after step %d; resume with --resume\n", (int)stop_signal, t.step);
+      *interrupted = 1;
+      goto done_signals;
+    }
   }
-  BAM_CHECK_GOTO(st, run_eval(m, cfg, tok_id, cfg->steps, 1, &logs, comm), done);
-
-  if (rank == 0) {
-    char path[BAM_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/final.h5", cfg->out_dir);
-    char *cfg_text = bam_config_to_string(cfg);
-    bam_ckpt_meta meta = {.step = cfg->steps, .tokens_seen = tokens_seen,
-                          .loader_position = bam_loader_position(loader), .config_text = cfg_text};
-    bam_strlcpy(meta.tokenizer, tok_id, sizeof meta.tokenizer);
-    st = bam_ckpt_save(path, m, adam_m, adam_v, &meta);
-    free(cfg_text);
+  if (t.saved_step != t.step) BAM_CHECK_GOTO(st, save_checkpoint(&t), done_signals);
+  if (t.step < cfg->steps) {
+    bam_log("stopped after step %d of %d as asked; resume with --resume\n", t.step, cfg->steps);
+    goto done_signals;
+  }
+  BAM_CHECK_GOTO(st, run_eval(&t, 1), done_signals);
+  if (t.rank == 0) {
+    char latest[BAM_PATH_MAX + 64], final_path[BAM_PATH_MAX + 32];
+    int found = 0;
+    st = bam_ckpt_latest(t.ckpt_dir, latest, sizeof latest, &found);
+    snprintf(final_path, sizeof final_path, "%s/final.h5", cfg->out_dir);
+    if (st == BAM_OK) st = bam_ckpt_export(latest, final_path, 0);
     if (st == BAM_OK)
-      bam_log("wrote %s (%.1f s total, %lld tokens)\n", path, bam_now() - t_start,
-              (long long)tokens_seen);
+      bam_log("wrote %s (%.1f s, %lld tokens seen)\n", final_path, bam_now() - t_start,
+              (long long)t.tokens_seen);
   }
+done_signals:
+  sigaction(SIGTERM, &old_term, NULL);
+  sigaction(SIGINT, &old_int, NULL);
 done:
-  if (logs.metrics) fclose(logs.metrics);
-  if (logs.evals) fclose(logs.evals);
+  if (t.metrics) fclose(t.metrics);
+  if (t.evals) fclose(t.evals);
   bam_free(x);
   bam_free(y);
-  bam_free(adam_m);
-  bam_free(adam_v);
-  bam_model_free(&m);
-  bam_loader_free(&loader);
+  bam_free(t.adam_m);
+  bam_free(t.adam_v);
+  bam_exchange_free(&t.x);
+  bam_model_free(&t.m);
+  bam_loader_free(&t.loader);
   return st;
 }

@@ -29,7 +29,7 @@ cfg() { # cfg NAME TEXT: a config file based on the tiny test config
 }
 cd "$SRC"
 
-expect_error "no command" "usage" -- "$BAM"
+expect_error "no command" "no command given" -- "$BAM"
 expect_error "unknown command" "unknown command 'frobnicate'" -- "$BAM" frobnicate
 expect_error "unknown option" "unknown option '--bogus'" -- "$BAM" pretrain --bogus 1
 expect_error "missing --config" "--config FILE is required" -- "$BAM" pretrain
@@ -39,7 +39,7 @@ expect_error "malformed config" "malformed.ini:2:" "malformed" -- "$BAM" pretrai
 printf '[model]\nn_layers = 2\ncolour = blue\n' >"$TMP/unknown.ini"
 expect_error "unknown key" "unknown.ini:3:" "unknown key 'colour'" -- "$BAM" pretrain --config "$TMP/unknown.ini"
 printf '[training]\nsteps = 2\n' >"$TMP/section.ini"
-expect_error "unknown section" "section.ini:1:" "[training]" -- "$BAM" pretrain --config "$TMP/section.ini"
+expect_error "unknown section" "section.ini:2:" "unknown section [training]" -- "$BAM" pretrain --config "$TMP/section.ini"
 expect_error "out of range" "train.lr" "out of range" -- "$BAM" pretrain --config "$SRC/tests/configs/tiny.ini" --set train.lr=-3
 expect_error "bad --set" "unknown key 'stepz'" -- "$BAM" pretrain --config "$SRC/tests/configs/tiny.ini" --set train.stepz=3
 
