@@ -152,6 +152,29 @@ echo "     requeued job $id: $STATE, exit $EXIT, restarts $RESTARTS, $(elapsed "
 [[ $STATE == COMPLETED && $RESTARTS == 1 ]] && grep -q "^run 0$" "$TMP/d.out" && grep -q "^run 1$" "$TMP/d.out"
 check "requeued job reruns (restart count 1) and appends to its output" $?
 
+# (f) Preemption: `scontrol requeue` of a running pretrain.sbatch job. Its ranks get SIGTERM,
+# checkpoint and stop; the requeued job resumes from that checkpoint and finishes, and its log
+# holds every step exactly once.
+if [[ -n $BAM_RESUME_FLAG && -d $DATA ]]; then
+  t0=$(date +%s.%N)
+  id=$(cd "$SRC" && sbatch --parsable -n 2 -c 1 -o "$TMP/f.out" slurm/pretrain.sbatch tests/configs/tiny.ini \
+    --set data.dir="$DATA" --set run.out_dir="$TMP/runf" --set train.steps=1500 --set train.log_every=50 \
+    --set eval.every=0 --set ckpt.every=500)
+  for _ in $(seq 300); do [[ -f $TMP/runf/metrics.csv ]] && (( $(wc -l <"$TMP/runf/metrics.csv") > 4 )) && break; sleep 0.1; done
+  scontrol requeue "$id"
+  check "preemption: scontrol requeue of a running pretrain job accepted" $?
+  wait_job "$id" 240
+  echo "     preempted pretrain job $id: $STATE, exit $EXIT, restarts $RESTARTS, $(elapsed "$t0")s"
+  [[ $STATE == COMPLETED && $RESTARTS == 1 ]] && test -f "$TMP/runf/final.h5"
+  check "preemption: the requeued job completes and writes final.h5" $?
+  grep -q "stopping on signal" "$TMP/f.out" && grep -q "resumed from" "$TMP/f.out"
+  check "preemption: checkpointed on SIGTERM, resumed from it" $?
+  steps=$(cut -d, -f1 "$TMP/runf/metrics.csv" | tail -n +2)
+  [[ $(sort -n <<<"$steps" | uniq -d | wc -l) == 0 && $(tail -1 <<<"$steps") == 1500 ]]
+  check "preemption: every logged step once, up to 1500" $?
+  [[ $fail == 0 ]] || show "$TMP/f.out"
+fi
+
 # (e) stop cancels a running job and stops every daemon it started.
 id=$(sbatch --parsable -o /dev/null --wrap 'sleep 300')
 wait_running "$id" 20
