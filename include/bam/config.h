@@ -39,6 +39,18 @@ typedef struct {
   int eval_every;         /* steps between evaluations; 0: only at the end */
   int eval_max_tokens;    /* per domain and evaluation; 0: the whole validation split */
   int eval_batch_size;
+  /* [mixture] (mixture training; bam mix writes these into the mixture checkpoint) */
+  char method[32];        /* btx | bam | bam-shared-kv */
+  int n_att_experts;      /* BAM attention experts (E = seed + domain experts) */
+  int n_ffn_experts;      /* FFN experts (E, or more for the parameter-matched BTX) */
+  int ffn_top_k;
+  int ffn_renormalize;
+  int att_top_k;          /* 0: soft routing over all attention experts */
+  float lb_coef, z_coef;
+  int lb_per_sequence;
+  float capacity_factor;  /* 0: dropless */
+  int freeze_experts;     /* train routers and shared tensors only */
+  int ep;                 /* expert-parallel group size */
   /* [ckpt] */
   int ckpt_every;         /* steps between checkpoints; 0: only the final one */
   int ckpt_keep;          /* checkpoints kept (older ones pruned) */

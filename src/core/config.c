@@ -53,6 +53,18 @@ static const key_def KEYS[] = {
     {"eval", "max_tokens", K_INT, F(eval_max_tokens), 0, 1 << 30,
      "tokens per domain per evaluation (0: whole split)"},
     {"eval", "batch_size", K_INT, F(eval_batch_size), 1, 1 << 16, "sequences per eval batch"},
+    {"mixture", "method", K_STR, F(method), 0, 0, "btx | bam | bam-shared-kv (empty: dense)"},
+    {"mixture", "n_att_experts", K_INT, F(n_att_experts), 0, 256, "BAM attention experts"},
+    {"mixture", "n_ffn_experts", K_INT, F(n_ffn_experts), 0, 256, "FFN experts"},
+    {"mixture", "ffn_top_k", K_INT, F(ffn_top_k), 1, 256, "FFN experts per token"},
+    {"mixture", "ffn_renormalize", K_BOOL, F(ffn_renormalize), 0, 1, "renormalise top-k gates (BTX's original)"},
+    {"mixture", "att_top_k", K_INT, F(att_top_k), 0, 256, "0: soft attention routing; k: top-k"},
+    {"mixture", "lb_coef", K_FLOAT, F(lb_coef), 0, 100, "load-balancing loss coefficient alpha"},
+    {"mixture", "z_coef", K_FLOAT, F(z_coef), 0, 100, "router z-loss coefficient beta"},
+    {"mixture", "lb_per_sequence", K_BOOL, F(lb_per_sequence), 0, 1, "sequence-level load balancing"},
+    {"mixture", "capacity_factor", K_FLOAT, F(capacity_factor), 0, 64, "0: dropless"},
+    {"mixture", "freeze_experts", K_BOOL, F(freeze_experts), 0, 1, "train routers and shared tensors only"},
+    {"mixture", "ep", K_INT, F(ep), 1, 4096, "expert-parallel group size"},
     {"ckpt", "every", K_INT, F(ckpt_every), 0, 1e9, "steps between checkpoints (0: end only)"},
     {"ckpt", "keep", K_INT, F(ckpt_keep), 1, 1000, "checkpoints kept under <out_dir>/ckpt"},
     {"run", "out_dir", K_STR, F(out_dir), 0, 0, "where checkpoints and logs go"},
@@ -85,6 +97,18 @@ void bam_config_defaults(bam_config *c) {
   c->eval_every = 0;
   c->eval_max_tokens = 65536;
   c->eval_batch_size = 8;
+  c->method[0] = 0;
+  c->n_att_experts = 0;
+  c->n_ffn_experts = 0;
+  c->ffn_top_k = 1;
+  c->ffn_renormalize = 0;
+  c->att_top_k = 0;
+  c->lb_coef = 0.01f;
+  c->z_coef = 0.001f;
+  c->lb_per_sequence = 1;
+  c->capacity_factor = 0;
+  c->freeze_experts = 0;
+  c->ep = 1;
   c->ckpt_every = 0;
   c->ckpt_keep = 2;
   bam_strlcpy(c->out_dir, "runs/default", sizeof c->out_dir);
