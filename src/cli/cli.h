@@ -26,6 +26,7 @@ extern int cli_exit_code;
 bam_status cmd_pretrain(cli_args *a, MPI_Comm comm);
 bam_status cmd_eval(cli_args *a, MPI_Comm comm);
 bam_status cmd_generate(cli_args *a, MPI_Comm comm);
+bam_status cmd_mix(cli_args *a, MPI_Comm comm);
 bam_status cmd_inspect(cli_args *a, MPI_Comm comm);
 bam_status cmd_export(cli_args *a, MPI_Comm comm);
 

@@ -18,6 +18,10 @@ static const char *USAGE =
     "            per-domain loss, perplexity and bits per byte (with a unigram baseline)\n"
     "  generate  --checkpoint PATH --prompt TEXT [--tokens N] [--temperature T] [--top-k K]\n"
     "            [--seed S] [--data DIR]   sample a continuation\n"
+    "  mix       --method btx|bam|bam-shared-kv --seed PATH --experts P1,P2,... --out DIR\n"
+    "            [--ffn-top-k K] [--renormalize] [--att-top-k K] [--extra-ffn-experts N]\n"
+    "            [--freeze-experts] [--router-seed N]   build a mixture from the seed and\n"
+    "            the domain experts branched from it (writes DIR/ckpt)\n"
     "  inspect   PATH   print a checkpoint's tensors, shapes, step and config\n"
     "  export    PATH --out FILE [--with-moments]   write one consolidated checkpoint file\n"
     "  version   print the version\n"
@@ -38,6 +42,7 @@ static const command COMMANDS[] = {
     {"pretrain", cmd_pretrain},
     {"eval", cmd_eval},
     {"generate", cmd_generate},
+    {"mix", cmd_mix},
     {"inspect", cmd_inspect},
     {"export", cmd_export},
 };
