@@ -57,6 +57,7 @@ void bam_error_clear(void);
 /* ---- logging: only the rank given to bam_log_init prints through bam_log (rank 0) ---- */
 void bam_log_init(int rank, int world_size);
 int bam_log_rank(void);
+void bam_log_set_prefix(const char *prefix); /* written at the start of every bam_log line */
 void bam_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));     /* rank 0, stdout */
 void bam_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));    /* any rank, stderr */
 

@@ -35,6 +35,9 @@ typedef struct {
   int resume;              /* continue from a checkpoint */
   const char *resume_path; /* NULL or "": the latest under <out_dir>/ckpt (none: start fresh) */
   int stop_after;          /* > 0: stop (after checkpointing) once this many steps are done */
+  const char *init_from;   /* start from these parameters (fresh optimizer), unless resuming */
+  const char *lineage;     /* "key = value" lines stored in every checkpoint (may be NULL) */
+  int eval_at_start;       /* evaluate before the first step (the starting point of a branch) */
 } bam_train_opts;
 
 /* Dense data-parallel pretraining as configured. Gradients are summed over the ranks of comm
@@ -45,6 +48,21 @@ typedef struct {
  * step and checkpoint; *interrupted is then 1. */
 bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
                         int *interrupted);
+
+/* Branch: train one domain expert per domain from the seed, at the same time. The ranks of
+ * comm split into groups (one communicator per expert, data parallel inside each); with
+ * fewer ranks than experts each rank trains its experts one after another. Expert d trains
+ * on "d:(1-general_share),general:general_share" at lr_scale x the config's peak learning
+ * rate and writes <out_dir>/<d>/ (checkpoints with lineage: domain, seed_id, tokens). */
+typedef struct {
+  const char *seed_path;
+  const char *domains;      /* "code,math,legal" */
+  double general_share;     /* 0.1 */
+  double lr_scale;          /* 0.5 */
+  int resume;
+} bam_branch_opts;
+bam_status bam_branch(const bam_config *cfg, const bam_branch_opts *opts, MPI_Comm comm,
+                      int *interrupted);
 
 /* Open any checkpoint (a step folder, a run's ckpt folder, or a single-file export), rebuild
  * its config and model (activations for max_batch sequences) and load its parameters. */

@@ -24,6 +24,7 @@ int cli_config_option(cli_args *a, bam_config *cfg, int *have_config, bam_status
 extern int cli_exit_code;
 
 bam_status cmd_pretrain(cli_args *a, MPI_Comm comm);
+bam_status cmd_branch(cli_args *a, MPI_Comm comm);
 bam_status cmd_eval(cli_args *a, MPI_Comm comm);
 bam_status cmd_generate(cli_args *a, MPI_Comm comm);
 bam_status cmd_mix(cli_args *a, MPI_Comm comm);

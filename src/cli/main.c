@@ -14,6 +14,9 @@ static const char *USAGE =
     "commands:\n"
     "  pretrain  --config FILE [--set section.key=value ...] [--resume [CKPT]] [--stop-after N]\n"
     "            train the dense seed model (data parallel over the MPI ranks)\n"
+    "  branch    --seed CKPT --domains a,b,... [--out DIR] [--config FILE] [--set ...]\n"
+    "            [--general-share 0.1] [--lr-scale 0.5] [--resume]\n"
+    "            train one domain expert per domain from the seed, side by side\n"
     "  eval      --checkpoint PATH [--domains a,b] [--max-tokens N] [--data DIR]\n"
     "            per-domain loss, perplexity and bits per byte (with a unigram baseline)\n"
     "  generate  --checkpoint PATH --prompt TEXT [--tokens N] [--temperature T] [--top-k K]\n"
@@ -40,6 +43,7 @@ typedef struct {
 
 static const command COMMANDS[] = {
     {"pretrain", cmd_pretrain},
+    {"branch", cmd_branch},
     {"eval", cmd_eval},
     {"generate", cmd_generate},
     {"mix", cmd_mix},

@@ -8,6 +8,8 @@
 
 static int log_rank = 0;
 static int log_world = 1;
+static char log_prefix[64];
+static int log_at_line_start = 1;
 
 void bam_log_init(int rank, int world_size) {
   log_rank = rank;
@@ -16,12 +18,34 @@ void bam_log_init(int rank, int world_size) {
 
 int bam_log_rank(void) { return log_rank; }
 
+void bam_log_set_prefix(const char *prefix) {
+  bam_strlcpy(log_prefix, prefix ? prefix : "", sizeof log_prefix);
+}
+
 void bam_log(const char *fmt, ...) {
   if (log_rank != 0) return;
+  char stack[1024], *buf = stack;
   va_list ap;
   va_start(ap, fmt);
-  vfprintf(stdout, fmt, ap);
+  int n = vsnprintf(stack, sizeof stack, fmt, ap);
   va_end(ap);
+  if (n < 0) return;
+  if ((size_t)n >= sizeof stack && (buf = malloc((size_t)n + 1))) {
+    va_start(ap, fmt);
+    vsnprintf(buf, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+  }
+  if (!buf) buf = stack;
+  /* the prefix (e.g. "[code] " in concurrent branch groups) starts every line */
+  for (const char *p = buf; *p;) {
+    if (log_at_line_start && log_prefix[0]) fputs(log_prefix, stdout);
+    const char *nl = strchr(p, '\n');
+    size_t len = nl ? (size_t)(nl - p) + 1 : strlen(p);
+    fwrite(p, 1, len, stdout);
+    log_at_line_start = nl != NULL;
+    p += len;
+  }
+  if (buf != stack) free(buf);
   fflush(stdout);
 }
 

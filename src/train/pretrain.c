@@ -66,6 +66,7 @@ typedef struct {
   char tok_id[64];
   char ckpt_dir[BAM_PATH_MAX + 16];
   int saved_step;          /* step of the newest checkpoint written or loaded */
+  const char *lineage;     /* stored in every checkpoint */
   FILE *metrics, *evals;   /* rank 0 only */
 } trainer;
 
@@ -141,7 +142,8 @@ static bam_status save_checkpoint(trainer *t) {
   int64_t loader_pos = bam_loader_position(t->loader);
   uint64_t rng[4] = {0, 0, 0, 0}; /* dense training draws no random numbers after init */
   bam_ckpt_info info = {.step = t->step, .tokens_seen = t->tokens_seen, .config_text = cfg_text,
-                        .world = t->world, .loader_state = &loader_pos, .rng_state = rng};
+                        .lineage_text = (char *)t->lineage, .world = t->world,
+                        .loader_state = &loader_pos, .rng_state = rng};
   bam_strlcpy(info.kind, "dense", sizeof info.kind);
   bam_strlcpy(info.tokenizer, t->tok_id, sizeof info.tokenizer);
   char path[BAM_PATH_MAX + 64];
@@ -154,6 +156,27 @@ static bam_status save_checkpoint(trainer *t) {
   t->saved_step = t->step;
   bam_log("checkpoint %s (%.2f s)\n", path, bam_now() - t0);
   return BAM_OK;
+}
+
+/* Start from another checkpoint's parameters (a branch from its seed): fresh optimizer. */
+static bam_status init_from(trainer *t, const char *path) {
+  bam_ckpt *c = NULL;
+  BAM_CHECK(bam_ckpt_open(&c, path));
+  const bam_ckpt_info *info = bam_ckpt_get_info(c);
+  bam_status st = BAM_OK;
+  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->m->tensors, t->m->n_tensors, t->m->n_params), done);
+  if (strcmp(info->tokenizer, t->tok_id) != 0) {
+    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
+                       "%s: trained with tokenizer '%s', the data uses '%s'", bam_ckpt_path(c),
+                       info->tokenizer, t->tok_id);
+    goto done;
+  }
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->m->n_params}, t->m->params_mem), done);
+  bam_log("initialised from %s (step %lld, %lld tokens)\n", bam_ckpt_path(c), (long long)info->step,
+          (long long)info->tokens_seen);
+done:
+  bam_ckpt_close(&c);
+  return st;
 }
 
 static bam_status resume(trainer *t, const char *path_arg) {
@@ -306,8 +329,11 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
     if (t.rank != 0) st = bam_error_set(st, __FILE__, __LINE__, "rank 0 could not create %s", cfg->out_dir);
     goto done;
   }
+  t.lineage = opts ? opts->lineage : NULL;
   if (opts && opts->resume) BAM_CHECK_GOTO(st, resume(&t, opts->resume_path), done);
+  if (t.saved_step < 0 && opts && opts->init_from) BAM_CHECK_GOTO(st, init_from(&t, opts->init_from), done);
   BAM_CHECK_GOTO(st, open_logs(&t), done);
+  if (t.step == 0 && opts && opts->eval_at_start) BAM_CHECK_GOTO(st, run_eval(&t, 0), done);
 
   const int64_t tokens_per_step = (int64_t)cfg->batch_size * cfg->grad_accum * T;
   const double flops_per_step = 3.0 * bam_model_flops_per_token(&shape, T) * (double)tokens_per_step;
