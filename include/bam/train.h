@@ -11,6 +11,7 @@
 #include "bam/config.h"
 #include "bam/data.h"
 #include "bam/model.h"
+#include "bam/net.h"
 #include "bam/tokenizer.h"
 
 typedef struct {
@@ -26,7 +27,7 @@ typedef struct {
  * seq_len tokens from the start, at most max_tokens per domain (0: all), windows dealt
  * round-robin over the ranks of comm and sums reduced in double. Fails if a domain's
  * tokenizer differs from tokenizer_id (when non-empty). out has BAM_MAX_DOMAINS entries. */
-bam_status bam_evaluate(bam_model *m, const bam_config *cfg, const char *domains, int max_tokens,
+bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains, int max_tokens,
                         int batch_size, int with_unigram, const char *tokenizer_id,
                         bam_eval_result *out, int *n_out, MPI_Comm comm);
 void bam_eval_print(const bam_eval_result *r, int n, FILE *f);
@@ -65,9 +66,10 @@ bam_status bam_branch(const bam_config *cfg, const bam_branch_opts *opts, MPI_Co
                       int *interrupted);
 
 /* Open any checkpoint (a step folder, a run's ckpt folder, or a single-file export), rebuild
- * its config and model (activations for max_batch sequences) and load its parameters. */
-bam_status bam_model_load(bam_model **out, bam_config *cfg, char *tokenizer_id, size_t tok_cap,
-                          const char *path, int max_batch);
+ * its config and network (dense or mixture; activations for max_batch sequences) and load its
+ * parameters. */
+bam_status bam_net_load(bam_net *out, bam_config *cfg, char *tokenizer_id, size_t tok_cap,
+                        const char *path, int max_batch);
 
 typedef struct {
   int max_new_tokens;
@@ -77,7 +79,7 @@ typedef struct {
 } bam_sample_opts;
 
 /* Continue prompt_ids; writes the decoded continuation to `out` as it is produced. */
-bam_status bam_generate(bam_model *m, const bam_tokenizer *tok, const int32_t *prompt_ids,
+bam_status bam_generate(bam_net *net, const bam_tokenizer *tok, const int32_t *prompt_ids,
                         int n_prompt, const bam_sample_opts *opts, FILE *out);
 
 #endif

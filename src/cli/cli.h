@@ -28,6 +28,7 @@ bam_status cmd_branch(cli_args *a, MPI_Comm comm);
 bam_status cmd_eval(cli_args *a, MPI_Comm comm);
 bam_status cmd_generate(cli_args *a, MPI_Comm comm);
 bam_status cmd_mix(cli_args *a, MPI_Comm comm);
+bam_status cmd_train(cli_args *a, MPI_Comm comm);
 bam_status cmd_inspect(cli_args *a, MPI_Comm comm);
 bam_status cmd_export(cli_args *a, MPI_Comm comm);
 

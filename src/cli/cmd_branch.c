@@ -20,9 +20,9 @@ bam_status cmd_branch(cli_args *a, MPI_Comm comm) {
     BAM_CHECK(bam_config_load(&cfg, config_file));
   } else {
     char tok[64];
-    bam_model *m = NULL;
-    BAM_CHECK(bam_model_load(&m, &cfg, tok, sizeof tok, o.seed_path, 1));
-    bam_model_free(&m);
+    bam_net net;
+    BAM_CHECK(bam_net_load(&net, &cfg, tok, sizeof tok, o.seed_path, 1));
+    bam_net_free(&net);
   }
   while (a->i < a->argc) {
     const char *opt = a->argv[a->i];

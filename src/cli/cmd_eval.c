@@ -17,8 +17,8 @@ bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
   if (!ckpt) BAM_FAIL(BAM_ERR_ARG, "eval: --checkpoint FILE is required");
   bam_config cfg;
   char tok_id[64];
-  bam_model *m = NULL;
-  BAM_CHECK(bam_model_load(&m, &cfg, tok_id, sizeof tok_id, ckpt, 8));
+  bam_net net;
+  BAM_CHECK(bam_net_load(&net, &cfg, tok_id, sizeof tok_id, ckpt, 8));
   if (data) bam_strlcpy(cfg.data_dir, data, sizeof cfg.data_dir);
   if (!domains) domains = cfg.eval_domains;
   if (max_tokens < 0) max_tokens = cfg.eval_max_tokens;
@@ -26,8 +26,8 @@ bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
   int n = 0;
   if (max_tokens) bam_log("evaluating %s on %s (at most %d tokens per domain)\n", ckpt, domains, max_tokens);
   else bam_log("evaluating %s on %s (whole validation splits)\n", ckpt, domains);
-  bam_status st = bam_evaluate(m, &cfg, domains, max_tokens, m->max_batch, 1, tok_id, r, &n, comm);
+  bam_status st = bam_evaluate(&net, &cfg, domains, max_tokens, net.max_batch, 1, tok_id, r, &n, comm);
   if (st == BAM_OK && bam_log_rank() == 0) bam_eval_print(r, n, stdout);
-  bam_model_free(&m);
+  bam_net_free(&net);
   return st;
 }

@@ -27,8 +27,8 @@ bam_status cmd_generate(cli_args *a, MPI_Comm comm) {
 
   bam_config cfg;
   char tok_id[64];
-  bam_model *m = NULL;
-  BAM_CHECK(bam_model_load(&m, &cfg, tok_id, sizeof tok_id, ckpt, 1));
+  bam_net net;
+  BAM_CHECK(bam_net_load(&net, &cfg, tok_id, sizeof tok_id, ckpt, 1));
   if (data) bam_strlcpy(cfg.data_dir, data, sizeof cfg.data_dir);
   char vocab_path[BAM_PATH_MAX + 32];
   snprintf(vocab_path, sizeof vocab_path, "%s/tokenizer/spm.vocab", cfg.data_dir);
@@ -46,10 +46,10 @@ bam_status cmd_generate(cli_args *a, MPI_Comm comm) {
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&ids, sizeof(int32_t) * cap, "prompt"), done);
   BAM_CHECK_GOTO(st, bam_tokenizer_encode(tok, prompt, len, ids, cap, &n), done);
   fputs(prompt, stdout);
-  st = bam_generate(m, tok, ids, (int)n, &o, stdout);
+  st = bam_generate(&net, tok, ids, (int)n, &o, stdout);
 done:
   bam_free(ids);
-  bam_model_free(&m);
+  bam_net_free(&net);
   bam_tokenizer_free(&tok);
   return st;
 }

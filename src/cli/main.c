@@ -25,6 +25,8 @@ static const char *USAGE =
     "            [--ffn-top-k K] [--renormalize] [--att-top-k K] [--extra-ffn-experts N]\n"
     "            [--freeze-experts] [--router-seed N]   build a mixture from the seed and\n"
     "            the domain experts branched from it (writes DIR/ckpt)\n"
+    "  train     --mixture CKPT [--config FILE] [--set ...] [--out DIR] [--resume] [--stop-after N]\n"
+    "            train a mixture made by mix (data parallel over the MPI ranks)\n"
     "  inspect   PATH   print a checkpoint's tensors, shapes, step and config\n"
     "  export    PATH --out FILE [--with-moments]   write one consolidated checkpoint file\n"
     "  version   print the version\n"
@@ -47,6 +49,7 @@ static const command COMMANDS[] = {
     {"eval", cmd_eval},
     {"generate", cmd_generate},
     {"mix", cmd_mix},
+    {"train", cmd_train},
     {"inspect", cmd_inspect},
     {"export", cmd_export},
 };

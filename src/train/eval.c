@@ -45,7 +45,7 @@ static double unigram_loss(const bam_split *train, const bam_split *val, int64_t
   return n ? nll / (double)n : NAN;
 }
 
-bam_status bam_evaluate(bam_model *m, const bam_config *cfg, const char *domains, int max_tokens,
+bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains, int max_tokens,
                         int batch_size, int with_unigram, const char *tokenizer_id,
                         bam_eval_result *out, int *n_out, MPI_Comm comm) {
   int rank, world;
@@ -54,8 +54,8 @@ bam_status bam_evaluate(bam_model *m, const bam_config *cfg, const char *domains
   char names[BAM_MAX_DOMAINS][BAM_NAME_MAX];
   int n = split_names(domains, names, BAM_MAX_DOMAINS);
   if (n <= 0) BAM_FAIL(BAM_ERR_ARG, "no valid domains in '%s'", domains);
-  const int T = m->shape.seq_len, V = m->shape.vocab_size;
-  if (batch_size > m->max_batch) batch_size = m->max_batch;
+  const int T = net->seq_len, V = net->vocab_size;
+  if (batch_size > net->max_batch) batch_size = net->max_batch;
   int32_t *x = NULL, *y = NULL;
   BAM_CHECK(bam_alloc_checked((void **)&x, sizeof(int32_t) * (size_t)batch_size * T, "eval inputs"));
   bam_status st = bam_alloc_checked((void **)&y, sizeof(int32_t) * (size_t)batch_size * T, "eval targets");
@@ -88,9 +88,9 @@ bam_status bam_evaluate(bam_model *m, const bam_config *cfg, const char *domains
         memcpy(y + (size_t)b * T, val.tokens + (w0 + b) * T + 1, sizeof(int32_t) * T);
       }
       float loss;
-      st = bam_model_forward(m, x, y, B, T, &loss);
+      st = bam_net_forward(net, x, y, B, T, &loss);
       if (st != BAM_OK) break;
-      const float *tl = bam_model_token_losses(m);
+      const float *tl = bam_net_token_losses(net);
       for (long i = 0; i < (long)B * T; i++) sums[0] += tl[i];
       sums[1] += (double)B * T;
     }

@@ -48,9 +48,9 @@ static int sample(const float *logits, int V, const bam_sample_opts *o, bam_rng 
   return best;
 }
 
-bam_status bam_generate(bam_model *m, const bam_tokenizer *tok, const int32_t *prompt_ids,
+bam_status bam_generate(bam_net *net, const bam_tokenizer *tok, const int32_t *prompt_ids,
                         int n_prompt, const bam_sample_opts *opts, FILE *out) {
-  const int T = m->shape.seq_len, V = m->shape.vocab_size;
+  const int T = net->seq_len, V = net->vocab_size;
   if (n_prompt < 1) BAM_FAIL(BAM_ERR_ARG, "the prompt encodes to no tokens");
   int cap = n_prompt + opts->max_new_tokens;
   int32_t *ctx = NULL;
@@ -70,8 +70,8 @@ bam_status bam_generate(bam_model *m, const bam_tokenizer *tok, const int32_t *p
     /* No KV cache yet: rerun the window ending at the newest token. */
     int start = len > T ? len - T : 0, n = len - start;
     float loss;
-    BAM_CHECK_GOTO(st, bam_model_forward(m, ctx + start, NULL, 1, n, &loss), done);
-    const float *logits = bam_model_logits(m) + (size_t)(n - 1) * V;
+    BAM_CHECK_GOTO(st, bam_net_forward(net, ctx + start, NULL, 1, n, &loss), done);
+    const float *logits = bam_net_logits(net) + (size_t)(n - 1) * V;
     int next = sample(logits, V, opts, &rng, scratch);
     ctx[len++] = next;
     if (next == bam_tokenizer_eos(tok)) break;

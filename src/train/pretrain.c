@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 
 #include "bam/ckpt.h"
+#include "bam/net.h"
 #include "bam/optim.h"
 #include "bam/parallel.h"
 #include "bam/shard.h"
@@ -56,7 +57,9 @@ typedef struct {
   const bam_config *cfg;
   MPI_Comm comm;
   int rank, world;
-  bam_model *m;
+  bam_net net;             /* the dense model or a mixture */
+  bam_tensor_info trained[BAM_MAX_TENSORS]; /* the tensors AdamW updates (frozen experts: not) */
+  int n_trained;
   bam_exchange *x;
   size_t lo, hi;           /* this rank's slice of the flat buffers */
   float *adam_m, *adam_v;  /* AdamW moments of the slice only */
@@ -107,7 +110,7 @@ static bam_status open_logs(trainer *t) {
   bam_config_write(cfg, f);
   fclose(f);
   snprintf(path, sizeof path, "%s/metrics.csv", cfg->out_dir);
-  t->metrics = open_log(path, "step,tokens,loss,lr,grad_norm,tokens_per_s,comm_share", t->step);
+  t->metrics = open_log(path, "step,tokens,loss,lr,grad_norm,tokens_per_s,comm_share,aux_loss", t->step);
   snprintf(path, sizeof path, "%s/eval.csv", cfg->out_dir);
   t->evals = open_log(path, "step,domain,tokens,loss,ppl,bpb", t->step);
   if (!t->metrics || !t->evals)
@@ -120,7 +123,7 @@ static bam_status run_eval(trainer *t, int final) {
   bam_eval_result r[BAM_MAX_DOMAINS];
   int n = 0;
   double t0 = bam_now();
-  BAM_CHECK(bam_evaluate(t->m, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
+  BAM_CHECK(bam_evaluate(&t->net, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
                          final, t->tok_id, r, &n, t->comm));
   bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
@@ -144,12 +147,12 @@ static bam_status save_checkpoint(trainer *t) {
   bam_ckpt_info info = {.step = t->step, .tokens_seen = t->tokens_seen, .config_text = cfg_text,
                         .lineage_text = (char *)t->lineage, .world = t->world,
                         .loader_state = &loader_pos, .rng_state = rng};
-  bam_strlcpy(info.kind, "dense", sizeof info.kind);
+  bam_strlcpy(info.kind, t->net.kind, sizeof info.kind);
   bam_strlcpy(info.tokenizer, t->tok_id, sizeof info.tokenizer);
   char path[BAM_PATH_MAX + 64];
   bam_range own = {t->lo, t->hi};
-  bam_status st = bam_ckpt_save_sharded(t->ckpt_dir, &info, t->m->tensors, t->m->n_tensors,
-                                        t->m->n_params, own, t->m->params_mem + t->lo, t->adam_m,
+  bam_status st = bam_ckpt_save_sharded(t->ckpt_dir, &info, t->net.tensors, t->net.n_tensors,
+                                        t->net.n_params, own, t->net.params + t->lo, t->adam_m,
                                         t->adam_v, cfg->ckpt_keep, t->comm, path, sizeof path);
   free(cfg_text);
   BAM_CHECK(st);
@@ -164,14 +167,14 @@ static bam_status init_from(trainer *t, const char *path) {
   BAM_CHECK(bam_ckpt_open(&c, path));
   const bam_ckpt_info *info = bam_ckpt_get_info(c);
   bam_status st = BAM_OK;
-  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->m->tensors, t->m->n_tensors, t->m->n_params), done);
+  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->net.tensors, t->net.n_tensors, t->net.n_params), done);
   if (strcmp(info->tokenizer, t->tok_id) != 0) {
     st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
                        "%s: trained with tokenizer '%s', the data uses '%s'", bam_ckpt_path(c),
                        info->tokenizer, t->tok_id);
     goto done;
   }
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->m->n_params}, t->m->params_mem), done);
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->net.n_params}, t->net.params), done);
   bam_log("initialised from %s (step %lld, %lld tokens)\n", bam_ckpt_path(c), (long long)info->step,
           (long long)info->tokens_seen);
 done:
@@ -195,10 +198,10 @@ static bam_status resume(trainer *t, const char *path_arg) {
   BAM_CHECK(bam_ckpt_open(&c, path));
   bam_status st = BAM_OK;
   const bam_ckpt_info *info = bam_ckpt_get_info(c);
-  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->m->tensors, t->m->n_tensors, t->m->n_params), done);
-  if (strcmp(info->kind, "dense") != 0) {
-    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: a '%s' checkpoint, pretrain resumes dense ones",
-                       bam_ckpt_path(c), info->kind);
+  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->net.tensors, t->net.n_tensors, t->net.n_params), done);
+  if (strcmp(info->kind, t->net.kind) != 0) {
+    st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: a '%s' checkpoint, this run trains a '%s' model",
+                       bam_ckpt_path(c), info->kind, t->net.kind);
     goto done;
   }
   if (strcmp(info->tokenizer, t->tok_id) != 0) {
@@ -213,7 +216,7 @@ static bam_status resume(trainer *t, const char *path_arg) {
                        bam_ckpt_path(c));
     goto done;
   }
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->m->n_params}, t->m->params_mem), done);
+  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->net.n_params}, t->net.params), done);
   BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_m", (bam_range){t->lo, t->hi}, t->adam_m), done);
   BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_v", (bam_range){t->lo, t->hi}, t->adam_v), done);
   t->step = (int)info->step;
@@ -229,36 +232,41 @@ done:
   return st;
 }
 
-/* One optimizer step; returns the mean loss and the gradient norm before clipping. */
+/* One optimizer step; returns the mean token loss, the auxiliary (router) loss of a mixture
+ * and the gradient norm before clipping. */
 static bam_status train_step(trainer *t, int32_t *x, int32_t *y, int local_batch, double *loss_out,
-                             double *norm_out, float lr) {
+                             double *aux_out, double *norm_out, float lr) {
   const bam_config *cfg = t->cfg;
-  bam_model *m = t->m;
-  const int T = m->shape.seq_len;
-  bam_model_zero_grad(m);
-  double loss_sum = 0;
+  bam_net *n = &t->net;
+  const int T = n->seq_len;
+  bam_net_zero_grad(n);
+  double sums[2] = {0, 0}; /* token loss, auxiliary loss */
   for (int micro = 0; micro < cfg->grad_accum; micro++) {
     BAM_CHECK(bam_loader_next(t->loader, x, y));
     float loss;
-    BAM_CHECK(bam_model_forward(m, x, y, local_batch, T, &loss));
-    BAM_CHECK(bam_model_backward(m, 1.0f / (float)(cfg->grad_accum * t->world)));
-    loss_sum += loss;
+    BAM_CHECK(bam_net_forward(n, x, y, local_batch, T, &loss));
+    BAM_CHECK(bam_net_backward(n, 1.0f / (float)(cfg->grad_accum * t->world)));
+    const float token = bam_net_token_loss(n);
+    sums[0] += token;
+    sums[1] += (double)loss - token;
   }
-  BAM_CHECK(bam_reduce_scatter_ordered(t->x, m->grads_mem));
-  double sumsq = bam_sum_squares(m->grads_mem + t->lo, t->hi - t->lo);
+  BAM_CHECK(bam_reduce_scatter_ordered(t->x, n->grads));
+  double sumsq = bam_sum_squares(n->grads + t->lo, t->hi - t->lo);
   BAM_CHECK(bam_sum_ordered(&sumsq, t->comm));
-  BAM_CHECK(bam_sum_ordered(&loss_sum, t->comm));
-  const double loss = loss_sum / (cfg->grad_accum * t->world), norm = sqrt(sumsq);
+  BAM_CHECK(bam_sum_ordered(&sums[0], t->comm));
+  BAM_CHECK(bam_sum_ordered(&sums[1], t->comm));
+  const double loss = sums[0] / (cfg->grad_accum * t->world), norm = sqrt(sumsq);
   if (!isfinite(loss) || !isfinite(norm))
     BAM_FAIL(BAM_ERR_NUMERIC, "training loss %g, gradient norm %g at step %d: lower train.lr or check the data",
              loss, norm, t->step + 1);
   if (cfg->grad_clip > 0 && norm > cfg->grad_clip)
-    bam_scale(m->grads_mem + t->lo, t->hi - t->lo, (float)(cfg->grad_clip / norm));
+    bam_scale(n->grads + t->lo, t->hi - t->lo, (float)(cfg->grad_clip / norm));
   const bam_adamw_hparams hp = {cfg->beta1, cfg->beta2, cfg->adam_eps, cfg->weight_decay};
-  bam_adamw_step_range(m->params_mem, m->grads_mem, t->adam_m, t->adam_v, m->tensors, m->n_tensors,
+  bam_adamw_step_range(n->params, n->grads, t->adam_m, t->adam_v, t->trained, t->n_trained,
                        t->lo, t->hi, lr, &hp, t->step + 1);
-  BAM_CHECK(bam_allgather_slices(t->x, m->params_mem));
+  BAM_CHECK(bam_allgather_slices(t->x, n->params));
   *loss_out = loss;
+  *aux_out = sums[1] / (cfg->grad_accum * t->world);
   *norm_out = norm;
   return BAM_OK;
 }
@@ -272,14 +280,14 @@ static int agree_stop(trainer *t) {
 
 static void print_memory(const trainer *t, int local_batch) {
   char a[32], b[32], c[32], d[32];
-  const double pb = (double)t->m->n_params * sizeof(float);
+  const double pb = (double)t->net.n_params * sizeof(float);
   bam_format_bytes(a, sizeof a, pb);
   bam_format_bytes(b, sizeof b, pb);
   bam_format_bytes(c, sizeof c, 2.0 * (double)(t->hi - t->lo) * sizeof(float));
-  bam_format_bytes(d, sizeof d, (double)t->m->act_bytes);
-  bam_log("model: %zu parameters (%.2fM)\n", t->m->n_params, t->m->n_params / 1e6);
+  bam_format_bytes(d, sizeof d, (double)t->net.act_bytes);
+  bam_log("model: %s, %zu parameters (%.2fM)\n", t->net.kind, t->net.n_params, t->net.n_params / 1e6);
   bam_log("memory per rank: params %s, grads %s, adamw %s (its 1/%d slice), activations %s "
-          "(batch %d x %d)\n", a, b, c, t->world, d, local_batch, t->m->shape.seq_len);
+          "(batch %d x %d)\n", a, b, c, t->world, d, local_batch, t->net.seq_len);
 }
 
 bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
@@ -314,9 +322,15 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
                               t.world, (uint64_t)cfg->seed, shape.vocab_size));
   int32_t *x = NULL, *y = NULL;
   const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
-  BAM_CHECK_GOTO(st, bam_model_create(&t.m, &shape, max_batch), done);
-  bam_model_init(t.m, (uint64_t)cfg->seed, cfg->init_std);
-  BAM_CHECK_GOTO(st, bam_exchange_create(&t.x, t.m->n_params, comm), done);
+  BAM_CHECK_GOTO(st, bam_net_create(&t.net, cfg, max_batch), done);
+  bam_net_init(&t.net, (uint64_t)cfg->seed, cfg->init_std);
+  for (int i = 0; i < t.net.n_tensors; i++)
+    if (!(cfg->freeze_experts && bam_net_is_expert_tensor(&t.net, &t.net.tensors[i])))
+      t.trained[t.n_trained++] = t.net.tensors[i];
+  if (t.n_trained < t.net.n_tensors)
+    bam_log("frozen: %d expert tensors are not trained (mixture.freeze_experts)\n",
+            t.net.n_tensors - t.n_trained);
+  BAM_CHECK_GOTO(st, bam_exchange_create(&t.x, t.net.n_params, comm), done);
   bam_exchange_range(t.x, t.rank, &t.lo, &t.hi);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_m, (t.hi - t.lo + 1) * sizeof(float), "AdamW m"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_v, (t.hi - t.lo + 1) * sizeof(float), "AdamW v"), done);
@@ -336,7 +350,7 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   if (t.step == 0 && opts && opts->eval_at_start) BAM_CHECK_GOTO(st, run_eval(&t, 0), done);
 
   const int64_t tokens_per_step = (int64_t)cfg->batch_size * cfg->grad_accum * T;
-  const double flops_per_step = 3.0 * bam_model_flops_per_token(&shape, T) * (double)tokens_per_step;
+  const double flops_per_step = 3.0 * bam_net_flops_per_token(&t.net, T) * (double)tokens_per_step;
   const int last = opts && opts->stop_after > 0 && opts->stop_after < cfg->steps ? opts->stop_after
                                                                                  : cfg->steps;
   bam_log("training: steps %d..%d of %d, %lld tokens a step (%d seq x %d micro-batches x %d "
@@ -354,9 +368,9 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   int window_steps = 0;
   while (t.step < last) {
     const float lr = bam_lr_at(t.step, cfg->warmup_steps, cfg->steps, cfg->lr, cfg->min_lr_ratio);
-    double loss = 0, norm = 0;
+    double loss = 0, aux = 0, norm = 0;
     const double comm_before = bam_exchange_seconds(t.x);
-    BAM_CHECK_GOTO(st, train_step(&t, x, y, local_batch, &loss, &norm, lr), done_signals);
+    BAM_CHECK_GOTO(st, train_step(&t, x, y, local_batch, &loss, &aux, &norm, lr), done_signals);
     comm_window += bam_exchange_seconds(t.x) - comm_before;
     t.step++;
     t.tokens_seen += tokens_per_step;
@@ -366,12 +380,15 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
       const double tps = (double)tokens_per_step / dt, comm_share = comm_window / (now - t_window);
       char eta[32];
       format_eta(eta, sizeof eta, (now - t_start) / (t.step - first) * (last - t.step));
-      bam_log("step %5d/%d | loss %.4f | lr %.3e | grad norm %7.3f | %7.0f tok/s | %5.1f GFLOP/s"
-              " | eta %s\n", t.step, cfg->steps, loss, lr, norm, tps, flops_per_step / dt / 1e9, eta);
+      char aux_text[32] = "";
+      if (t.net.mix) snprintf(aux_text, sizeof aux_text, " | aux %.4f", aux);
+      bam_log("step %5d/%d | loss %.4f%s | lr %.3e | grad norm %7.3f | %7.0f tok/s | %5.1f GFLOP/s"
+              " | eta %s\n", t.step, cfg->steps, loss, aux_text, lr, norm, tps,
+              flops_per_step / dt / 1e9, eta);
       if (t.world > 1) bam_log("           communication %.1f%% of step time\n", 100 * comm_share);
       if (t.metrics) {
-        fprintf(t.metrics, "%d,%lld,%.17g,%.9g,%.9g,%.1f,%.4f\n", t.step, (long long)t.tokens_seen,
-                loss, lr, norm, tps, comm_share);
+        fprintf(t.metrics, "%d,%lld,%.17g,%.9g,%.9g,%.1f,%.4f,%.9g\n", t.step,
+                (long long)t.tokens_seen, loss, lr, norm, tps, comm_share, aux);
         fflush(t.metrics);
       }
       t_window = now, comm_window = 0, window_steps = 0;
@@ -414,7 +431,7 @@ done:
   bam_free(t.adam_m);
   bam_free(t.adam_v);
   bam_exchange_free(&t.x);
-  bam_model_free(&t.m);
+  bam_net_free(&t.net);
   bam_loader_free(&t.loader);
   return st;
 }

@@ -307,11 +307,23 @@ static bam_status build(builder *b, const bam_mixture_shape *s, const bam_tensor
 
 /* ---- the mixture's config and lineage ----------------------------------------------------- */
 
-/* The seed's config with the [mixture] section set; its text, and the shape a reader of that
- * text derives (so the layout written is the layout every reader will expect). */
-static bam_status mixture_config(const bam_config *seed_cfg, const bam_mix_opts *o, int E,
-                                 const char *out_dir, char **text, bam_mixture_shape *shape) {
+/* The seed's config with the [mixture] section set and the mixture phase's data: equal shares
+ * of general text and every expert's domain (method.md section 1, step 4); its text, and the
+ * shape a reader of that text derives (so the layout written is the layout every reader will
+ * expect). */
+static bam_status mixture_config(const bam_config *seed_cfg, const bam_mix_opts *o,
+                                 const input *in, int E, const char *out_dir, char **text,
+                                 bam_mixture_shape *shape) {
   bam_config mc = *seed_cfg;
+  int used = snprintf(mc.train_mix, sizeof mc.train_mix, "general:1");
+  for (int i = 1; i < E && used < (int)sizeof mc.train_mix; i++) {
+    int seen = !in[i].domain[0] || !strcmp(in[i].domain, "general");
+    for (int j = 1; j < i && !seen; j++) seen = !strcmp(in[j].domain, in[i].domain);
+    if (!seen)
+      used += snprintf(mc.train_mix + used, sizeof mc.train_mix - (size_t)used, ",%s:1", in[i].domain);
+  }
+  if (used >= (int)sizeof mc.train_mix)
+    BAM_FAIL(BAM_ERR_ARG, "%s: too many expert domains for data.train_mix", out_dir);
   bam_strlcpy(mc.method, bam_method_name(o->method), sizeof mc.method);
   mc.n_att_experts = o->method == BAM_METHOD_BTX ? 0 : E;
   mc.n_ffn_experts = E + o->extra_ffn_experts;
@@ -434,7 +446,7 @@ bam_status bam_upcycle_mix(const char *seed_path, const char *const *expert_path
 
   /* The mixture's config, shape and layout. */
   bam_mixture_shape shape;
-  BAM_CHECK_GOTO(st, mixture_config(&seed_cfg, opts, E, out_dir, &cfg_text, &shape), done);
+  BAM_CHECK_GOTO(st, mixture_config(&seed_cfg, opts, in, E, out_dir, &cfg_text, &shape), done);
   bam_tensor_info mt[BAM_MAX_TENSORS];
   size_t n_mix = 0;
   const int nm = bam_mixture_tensors(&shape, mt, &n_mix);

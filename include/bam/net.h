@@ -1,0 +1,39 @@
+/* net: one handle over the networks the loops train and evaluate, the dense model or a
+ * BTX/BAM mixture, chosen by the config ([mixture] method empty: dense). Both keep their
+ * parameters and gradients in one flat buffer described by a tensor table, so the trainer,
+ * the gradient exchange, the optimizer and the checkpoints see only these views. */
+#ifndef BAM_NET_H
+#define BAM_NET_H
+
+#include "bam/config.h"
+#include "bam/mixture.h"
+#include "bam/model.h"
+
+typedef struct {
+  bam_model *dense;      /* exactly one of these two is set */
+  bam_mixture *mix;
+  const char *kind;      /* "dense", "btx", "bam", "bam-shared-kv" */
+  size_t n_params;
+  float *params, *grads;
+  const bam_tensor_info *tensors;
+  int n_tensors;
+  int max_batch, seq_len, vocab_size;
+  size_t act_bytes;
+} bam_net;
+
+bam_status bam_net_create(bam_net *n, const bam_config *cfg, int max_batch);
+void bam_net_free(bam_net *n);
+void bam_net_init(bam_net *n, uint64_t seed, float std);
+/* *loss is the differentiated loss (token loss plus a mixture's auxiliary losses). */
+bam_status bam_net_forward(bam_net *n, const int32_t *tokens, const int32_t *targets, int B,
+                           int T, float *loss);
+bam_status bam_net_backward(bam_net *n, float grad_scale);
+void bam_net_zero_grad(bam_net *n);
+float bam_net_token_loss(const bam_net *n);       /* mean token loss of the last forward */
+const float *bam_net_token_losses(const bam_net *n);
+float *bam_net_logits(bam_net *n);
+double bam_net_flops_per_token(const bam_net *n, int T);
+/* Expert tensors: a mixture's expert-major tensors (4-D: expert, layer, rows, cols). */
+int bam_net_is_expert_tensor(const bam_net *n, const bam_tensor_info *t);
+
+#endif
