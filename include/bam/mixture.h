@@ -15,9 +15,21 @@
  * over the sequences, so the loss does not depend on how a batch is split over ranks) or over
  * the whole batch.
  *
- * Layout (bam_tensor_info table, one flat buffer like the dense model). Expert tensors are
- * EXPERT-MAJOR, so each expert's weights are one contiguous block per tensor (an expert is a
- * unit of ownership for expert parallelism and checkpoints):
+ * Routing details (mixture.c has the derivations):
+ *   - top-k by p, descending, equal values to the lower index; the FFN gates are decided
+ *     before capacity (with ffn_renormalize, over the full top-k).
+ *   - capacity_factor c > 0: per sequence, expert i accepts at most ceil(c * T * k / Ef)
+ *     assignments (T the forward's sequence length), first come first served in token
+ *     order; a dropped assignment contributes 0 (the token keeps its other ones, gates
+ *     unchanged), and f_i counts KEPT assignments (still divided by tokens * k).
+ *   - att_top_k = a > 0: g keeps each token's a largest entries (others 0, not renormalised);
+ *     gradients flow through the kept entries only; an expert no token kept is not computed.
+ *   - the auxiliary losses use every token, ignored targets included; f_i is a constant.
+ *
+ * Layout (bam_tensor_info table, one flat buffer like the dense model), IN THIS ORDER, absent
+ * entries skipped. Expert tensors are EXPERT-MAJOR, so each expert's weights are one
+ * contiguous block per tensor (an expert is a unit of ownership for expert parallelism and
+ * checkpoints):
  *   wte (V,d)  ln (L,d)  ln_f (d)  w_head (V,d) unless tied        averaged when mixed
  *   BTX:            wq (L,d,d) wk (L,kvd,d) wv (L,kvd,d) wo (L,d,d)  (dense attention)
  *   BAM:            att_router (L,Ea,d)  wq (Ea,L,d,d) wk (Ea,L,kvd,d) wv (Ea,L,kvd,d) wo (Ea,L,d,d)
@@ -53,8 +65,8 @@ typedef struct {
   float lb_coef;         /* alpha, default 0.01 */
   float z_coef;          /* beta, default 0.001 */
   int lb_per_sequence;   /* 1 (default): f_i, P_i per sequence; 0: over the batch */
-  float capacity_factor; /* 0: dropless (default); c > 0: at most ceil(c * tokens * k / Ef)
-                            tokens per expert per sequence, later tokens dropped */
+  float capacity_factor; /* 0: dropless (default); c > 0: at most ceil(c * T * k / Ef)
+                            assignments per expert per sequence, later ones dropped */
 } bam_mixture_shape;
 
 bam_status bam_mixture_shape_check(const bam_mixture_shape *s);
@@ -63,12 +75,15 @@ int bam_mixture_tensors(const bam_mixture_shape *s, bam_tensor_info *out, size_t
 
 typedef struct bam_mix_acts bam_mix_acts;
 
-/* Routing statistics of the last forward, per layer (filled when stats != NULL). */
+/* Routing statistics of the last forward, per layer. Each array is filled when not NULL;
+ * for BTX the two attention arrays are left untouched (there is no attention router). */
 typedef struct {
-  double *ffn_share;   /* (L, Ef): share of top-k assignments per expert */
-  double *att_gate;    /* (L, Ea): mean soft attention gate per expert (BAM) */
+  double *ffn_share;   /* (L, Ef): share of top-k assignments per expert (routing decisions,
+                          before capacity drops: sums to 1 per layer) */
+  double *att_gate;    /* (L, Ea): mean attention gate per expert as used (soft: sums to 1;
+                          with att_top_k, the kept entries only) (BAM) */
   double *ffn_entropy; /* (L): mean entropy of p (nats) */
-  double *att_entropy; /* (L): mean entropy of g (nats, BAM) */
+  double *att_entropy; /* (L): mean entropy of softmax(h Wa^T) (nats, BAM) */
 } bam_route_stats;
 
 typedef struct {
@@ -88,13 +103,20 @@ typedef struct {
 
 bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch);
 void bam_mixture_free(bam_mixture **m);
-/* Random init like the dense model (routers N(0, 0.02^2)); upcycling overwrites it. */
+/* Random init like the dense model (routers N(0, 0.02^2)); upcycling overwrites it. Norms 1,
+ * other matrices N(0, std^2), wo and w_down scaled by 1/sqrt(2L). Each (tensor, expert, layer)
+ * slice has its own RNG stream keyed by name, layer and expert; expert 0 and the non-expert
+ * tensors draw what bam_model_init draws for the same name and seed. */
 void bam_mixture_init(bam_mixture *m, uint64_t seed, float std);
-/* The tensor by name, or NULL. */
+/* The tensor by name, or NULL (also for w_head when tied: the head is wte). */
 float *bam_mixture_tensor(bam_mixture *m, const char *name, const bam_tensor_info **info);
 
 /* Forward as bam_model_forward; *loss is the mean token loss PLUS the auxiliary losses
- * (the quantity that is differentiated); m->last_loss holds the token loss alone. */
+ * (the quantity that is differentiated); m->last_loss holds the token loss alone and
+ * m->last_aux_loss the auxiliary part (also set by a forward without targets). With every
+ * target ignored the token loss is 0 and the backward adds only the auxiliary gradients.
+ * Backward: as bam_model_backward (accumulates, scaled by grad_scale, auxiliary losses
+ * included; once per forward with targets). */
 bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int32_t *targets,
                                int B, int T, float *loss);
 bam_status bam_mixture_backward(bam_mixture *m, float grad_scale);
@@ -103,8 +125,16 @@ float *bam_mixture_logits(bam_mixture *m);
 const float *bam_mixture_token_losses(const bam_mixture *m);
 /* Routing statistics of the last forward into caller-allocated arrays (see bam_route_stats). */
 void bam_mixture_route_stats(const bam_mixture *m, bam_route_stats *out);
+/* A 64-bit hash of every discrete routing decision of the last forward (FFN top-k experts,
+ * capacity drops, attention top-k): equal hashes mean the same dispatch. For tests (finite
+ * differences are only valid while no decision flips) and debugging. */
+uint64_t bam_mixture_route_hash(const bam_mixture *m);
 
-/* Forward FLOPs per token (method.md section 5, only the experts a token uses). */
+/* Forward FLOPs per token (method.md section 5, only the experts a token uses): per layer,
+ * each attention expert used 2d(d + 2kvd) + 2Td + 2d^2 (shared KV: the K,V term once for all
+ * experts), BAM's attention router 2 Ea d, the FFN router 2 Ef d and k SwiGLU experts 6 d f;
+ * plus the head 2 d V. With att_top_k = a, Q, attention and out count a times and K,V every
+ * expert's (other tokens read them). */
 double bam_mixture_flops_per_token(const bam_mixture_shape *s, int T);
 
 #endif
