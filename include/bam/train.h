@@ -21,7 +21,21 @@ typedef struct {
   double ppl;          /* exp(loss) */
   double bpb;          /* bits per UTF-8 byte of the text those tokens encode */
   double unigram_loss; /* baseline: add-1/2 smoothed unigram of the train split; NaN if not asked */
+  /* Mixtures only (NULL for dense models), token-weighted means over the evaluated windows,
+   * malloc'd: free with bam_eval_results_free. */
+  int n_layers, n_ffn, n_att; /* n_att = 0 for BTX */
+  double *ffn_share;   /* (L, Ef) share of the domain's top-k assignments per FFN expert */
+  double *att_gate;    /* (L, Ea) mean soft attention gate per attention expert */
+  double *ffn_entropy; /* (L) mean FFN router entropy (nats) */
+  double *att_entropy; /* (L) mean attention router entropy (nats) */
 } bam_eval_result;
+void bam_eval_results_free(bam_eval_result *r, int n);
+/* Routing tables (per domain and layer: FFN expert shares, soft attention gates, router
+ * entropies, dead experts) for mixture results; nothing for dense ones. */
+void bam_eval_print_routing(const bam_eval_result *r, int n, FILE *f);
+/* The same as CSV rows: domain,layer,router,expert,value (router: ffn | att | ffn_entropy |
+ * att_entropy; expert -1 for entropies). */
+void bam_eval_write_routing_csv(const bam_eval_result *r, int n, FILE *f);
 
 /* Evaluate on each domain's validation split: consecutive non-overlapping windows of
  * seq_len tokens from the start, at most max_tokens per domain (0: all), windows dealt

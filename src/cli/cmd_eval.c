@@ -4,13 +4,14 @@
 #include "cli.h"
 
 bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
-  const char *ckpt = NULL, *domains = NULL, *data = NULL;
+  const char *ckpt = NULL, *domains = NULL, *data = NULL, *routing = NULL;
   int max_tokens = -1;
   while (a->i < a->argc) {
     const char *opt = a->argv[a->i];
     if (!strcmp(opt, "--checkpoint")) BAM_CHECK(cli_value(a, &ckpt));
     else if (!strcmp(opt, "--domains")) BAM_CHECK(cli_value(a, &domains));
     else if (!strcmp(opt, "--data")) BAM_CHECK(cli_value(a, &data));
+    else if (!strcmp(opt, "--routing")) BAM_CHECK(cli_value(a, &routing));
     else if (!strcmp(opt, "--max-tokens")) BAM_CHECK(cli_int(a, 0, 1 << 30, &max_tokens));
     else BAM_FAIL(BAM_ERR_ARG, "eval: unknown option '%s' (see bam help)", opt);
   }
@@ -27,7 +28,19 @@ bam_status cmd_eval(cli_args *a, MPI_Comm comm) {
   if (max_tokens) bam_log("evaluating %s on %s (at most %d tokens per domain)\n", ckpt, domains, max_tokens);
   else bam_log("evaluating %s on %s (whole validation splits)\n", ckpt, domains);
   bam_status st = bam_evaluate(&net, &cfg, domains, max_tokens, net.max_batch, 1, tok_id, r, &n, comm);
-  if (st == BAM_OK && bam_log_rank() == 0) bam_eval_print(r, n, stdout);
+  if (st == BAM_OK && bam_log_rank() == 0) {
+    bam_eval_print(r, n, stdout);
+    bam_eval_print_routing(r, n, stdout);
+    if (routing) {
+      FILE *f = fopen(routing, "w");
+      if (!f) st = bam_error_set(BAM_ERR_IO, __FILE__, __LINE__, "%s: cannot write", routing);
+      else {
+        bam_eval_write_routing_csv(r, n, f);
+        if (fclose(f) != 0) st = bam_error_set(BAM_ERR_IO, __FILE__, __LINE__, "%s: write failed", routing);
+      }
+    }
+  }
+  if (st == BAM_OK) bam_eval_results_free(r, n);
   bam_net_free(&net);
   return st;
 }

@@ -54,6 +54,7 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
   char names[BAM_MAX_DOMAINS][BAM_NAME_MAX];
   int n = split_names(domains, names, BAM_MAX_DOMAINS);
   if (n <= 0) BAM_FAIL(BAM_ERR_ARG, "no valid domains in '%s'", domains);
+  memset(out, 0, sizeof *out * (size_t)n);
   const int T = net->seq_len, V = net->vocab_size;
   if (batch_size > net->max_batch) batch_size = net->max_batch;
   int32_t *x = NULL, *y = NULL;
@@ -81,6 +82,17 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
     }
     /* Rank r takes batches of windows starting at r*batch, r*batch + world*batch, ... */
     double sums[2] = {0, 0}; /* nll, tokens */
+    /* Mixtures: routing statistics, token-weighted; layout [ffn L*Ef | att L*Ea | ent 2L] */
+    const bam_mixture_shape *ms = net->mix ? &net->mix->shape : NULL;
+    const int L = ms ? ms->base.n_layers : 0, Ef = ms ? ms->n_ffn_experts : 0;
+    const int Ea = ms && ms->method != BAM_METHOD_BTX ? ms->n_att_experts : 0;
+    const size_t n_stats = ms ? (size_t)L * (Ef + Ea + 2) : 0;
+    double *acc = n_stats ? calloc(2 * n_stats, sizeof(double)) : NULL, *one = acc ? acc + n_stats : NULL;
+    if (n_stats && !acc) {
+      bam_split_free(&val);
+      st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__, "cannot allocate routing statistics");
+      goto done;
+    }
     for (int64_t w0 = (int64_t)rank * batch_size; w0 < n_windows; w0 += (int64_t)world * batch_size) {
       int B = (int)((n_windows - w0) < batch_size ? (n_windows - w0) : batch_size);
       for (int b = 0; b < B; b++) {
@@ -93,9 +105,17 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
       const float *tl = bam_net_token_losses(net);
       for (long i = 0; i < (long)B * T; i++) sums[0] += tl[i];
       sums[1] += (double)B * T;
+      if (acc) {
+        bam_route_stats rs = {one, Ea ? one + (size_t)L * Ef : NULL, one + (size_t)L * (Ef + Ea),
+                              one + (size_t)L * (Ef + Ea) + L};
+        bam_mixture_route_stats(net->mix, &rs);
+        for (size_t i = 0; i < n_stats; i++) acc[i] += one[i] * B * T;
+      }
     }
     if (st == BAM_OK)
       MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, comm);
+    if (st == BAM_OK && acc)
+      MPI_Allreduce(MPI_IN_PLACE, acc, (int)n_stats, MPI_DOUBLE, MPI_SUM, comm);
     if (st == BAM_OK) {
       bam_eval_result *r = &out[d];
       memset(r, 0, sizeof *r);
@@ -108,6 +128,15 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
       double bytes = (double)val.text_bytes * sums[1] / (double)(val.n_tokens - 1);
       r->bpb = sums[0] / log(2.0) / bytes;
       r->unigram_loss = NAN;
+      if (acc) {
+        for (size_t i = 0; i < n_stats; i++) acc[i] /= sums[1];
+        r->n_layers = L, r->n_ffn = Ef, r->n_att = Ea;
+        r->ffn_share = acc; /* owns the block: the other arrays point into it */
+        r->att_gate = Ea ? acc + (size_t)L * Ef : NULL;
+        r->ffn_entropy = acc + (size_t)L * (Ef + Ea);
+        r->att_entropy = Ea ? acc + (size_t)L * (Ef + Ea) + L : NULL;
+        acc = NULL;
+      }
       if (with_unigram) {
         bam_split train = {0};
         st = bam_split_load(&train, cfg->data_dir, names[d], "train", V);
@@ -115,12 +144,14 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
         bam_split_free(&train);
       }
     }
+    free(acc);
     bam_split_free(&val);
   }
 done:
   bam_free(x);
   bam_free(y);
   if (st == BAM_OK) *n_out = n;
+  else bam_eval_results_free(out, n);
   return st;
 }
 
@@ -140,4 +171,53 @@ void bam_eval_print(const bam_eval_result *r, int n, FILE *f) {
   if (n > 1)
     fprintf(f, "%-12s %10s %9.4f %10.2f %8.4f\n", "average", "", sl / n, sp / n, sb / n);
   fflush(f);
+}
+
+void bam_eval_results_free(bam_eval_result *r, int n) {
+  for (int i = 0; i < n; i++) {
+    free(r[i].ffn_share);
+    r[i].ffn_share = r[i].att_gate = r[i].ffn_entropy = r[i].att_entropy = NULL;
+  }
+}
+
+void bam_eval_print_routing(const bam_eval_result *r, int n, FILE *f) {
+  for (int i = 0; i < n; i++) {
+    if (!r[i].ffn_share) continue;
+    const int L = r[i].n_layers, Ef = r[i].n_ffn, Ea = r[i].n_att;
+    fprintf(f, "routing on %s (share of FFN assignments per expert%s):\n", r[i].domain,
+            Ea ? "; mean soft attention gate per expert" : "");
+    int dead = 0;
+    for (int l = 0; l < L; l++) {
+      fprintf(f, "  layer %d  ffn", l);
+      for (int e = 0; e < Ef; e++) {
+        fprintf(f, " %5.3f", r[i].ffn_share[l * Ef + e]);
+        dead += r[i].ffn_share[l * Ef + e] == 0.0;
+      }
+      fprintf(f, "  (H %.2f)", r[i].ffn_entropy[l]);
+      if (Ea) {
+        fprintf(f, "   att");
+        for (int e = 0; e < Ea; e++) fprintf(f, " %5.3f", r[i].att_gate[l * Ea + e]);
+        fprintf(f, "  (H %.2f)", r[i].att_entropy[l]);
+      }
+      fprintf(f, "\n");
+    }
+    if (dead) fprintf(f, "  %d (layer, expert) pairs received no %s token\n", dead, r[i].domain);
+  }
+  fflush(f);
+}
+
+void bam_eval_write_routing_csv(const bam_eval_result *r, int n, FILE *f) {
+  fprintf(f, "domain,layer,router,expert,value\n");
+  for (int i = 0; i < n; i++) {
+    if (!r[i].ffn_share) continue;
+    const int L = r[i].n_layers, Ef = r[i].n_ffn, Ea = r[i].n_att;
+    for (int l = 0; l < L; l++) {
+      for (int e = 0; e < Ef; e++)
+        fprintf(f, "%s,%d,ffn,%d,%.6f\n", r[i].domain, l, e, r[i].ffn_share[l * Ef + e]);
+      for (int e = 0; e < Ea; e++)
+        fprintf(f, "%s,%d,att,%d,%.6f\n", r[i].domain, l, e, r[i].att_gate[l * Ea + e]);
+      fprintf(f, "%s,%d,ffn_entropy,-1,%.6f\n", r[i].domain, l, r[i].ffn_entropy[l]);
+      if (Ea) fprintf(f, "%s,%d,att_entropy,-1,%.6f\n", r[i].domain, l, r[i].att_entropy[l]);
+    }
+  }
 }

@@ -128,13 +128,17 @@ static bam_status run_eval(trainer *t, int final) {
   bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
   bam_log("\n");
-  if (final && t->rank == 0) bam_eval_print(r, n, stdout);
+  if (final && t->rank == 0) {
+    bam_eval_print(r, n, stdout);
+    bam_eval_print_routing(r, n, stdout);
+  }
   if (t->evals) {
     for (int i = 0; i < n; i++)
       fprintf(t->evals, "%d,%s,%lld,%.6f,%.4f,%.6f\n", t->step, r[i].domain,
               (long long)r[i].tokens, r[i].loss, r[i].ppl, r[i].bpb);
     fflush(t->evals);
   }
+  bam_eval_results_free(r, n);
   return BAM_OK;
 }
 

@@ -65,6 +65,19 @@ check "freeze_experts: experts bitwise unchanged, routers trained" $?
 "$BAM" eval --checkpoint "$TMP/t1-bam-shared-kv/ckpt" --data "$DATA" --domains general,code,math --max-tokens 2048 >"$TMP/e.txt" 2>&1 &&
   grep -qE "^math +2048 " "$TMP/e.txt"
 check "eval reads a mixture checkpoint" $?
+"$BAM" eval --checkpoint "$TMP/t1-bam/ckpt" --data "$DATA" --domains general,code --max-tokens 2048 \
+  --routing "$TMP/routing.csv" >"$TMP/er.txt" 2>&1 && grep -q "^routing on code" "$TMP/er.txt" &&
+  "$PY" - "$TMP/routing.csv" <<'PY'
+import collections, csv, sys
+sums = collections.defaultdict(float)
+for r in csv.DictReader(open(sys.argv[1])):
+    if r["router"] in ("ffn", "att"):
+        sums[(r["domain"], r["layer"], r["router"])] += float(r["value"])
+ok = len(sums) == 2 * 2 * 2 and all(abs(v - 1) < 1e-4 for v in sums.values())
+print(f"     {len(sums)} (domain, layer, router) rows; shares and soft gates sum to 1: {ok}")
+sys.exit(0 if ok else 1)
+PY
+check "eval reports routing per domain and layer (shares and gates sum to 1)" $?
 "$BAM" generate --checkpoint "$TMP/t1-btx/final.h5" --data "$DATA" --prompt "int main" --tokens 12 >"$TMP/g.txt" 2>&1 &&
   grep -q "^int main" "$TMP/g.txt"
 check "generate samples from a mixture" $?
