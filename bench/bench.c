@@ -1,18 +1,21 @@
-/* bam-bench: training throughput of the dense model against the machine's sgemm ceiling.
+/* bam-bench: training throughput of the dense model and the BTX / BAM / BAM shared-KV
+ * mixtures against the machine's sgemm ceiling.
  *
- *   build/bam-bench [--shape quick|paper-small|all] [--batch B] [--steps N] [--threads T]
+ *   build/bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
+ *                   [--experts E] [--batch B] [--steps N] [--threads T]
  *
  * Prints one JSON line per measurement: first the cblas_sgemm GFLOP/s on square 2048 and on
- * each matrix shape the model's training step uses, then, per model shape, the median
- * training-step time over N timed steps (after 2 warm-up steps), tokens/s, model FLOP/s
- * (3 x forward FLOPs per token, method.md section 5) and its share of the best sgemm rate.
+ * each matrix shape the model's training step uses, then, per model kind and shape, the
+ * median training-step time over N timed steps (after 2 warm-up steps), tokens/s, model FLOP/s
+ * (3 x forward FLOPs per token, method.md section 5, only the experts a token uses), its share
+ * of the best sgemm rate, and the peak resident memory of the process so far (VmHWM).
  * Random tokens: throughput does not depend on the data. */
 #include <cblas.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "bam/model.h"
+#include "bam/net.h"
 #include "bam/optim.h"
 
 typedef struct {
@@ -20,6 +23,17 @@ typedef struct {
   bam_model_shape shape;
   int batch;
 } bench_case;
+
+/* Peak resident set size of this process in MiB (Linux /proc). */
+static double peak_rss_mib(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  double kib = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, "VmHWM:", 6)) kib = atof(line + 6);
+  if (f) fclose(f);
+  return kib / 1024.0;
+}
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -48,15 +62,18 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
 }
 
 int main(int argc, char **argv) {
-  const char *which = "all";
-  int steps = 5, batch = 0;
+  const char *which = "all", *kinds = "all";
+  int steps = 5, batch = 0, experts = 4;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
     else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--kind")) kinds = argv[i + 1];
+    else if (!strcmp(argv[i], "--experts")) experts = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
     else {
-      fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--steps N] [--batch B] [--threads T]\n");
+      fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all] "
+              "[--experts E] [--steps N] [--batch B] [--threads T]\n");
       return 2;
     }
   }
@@ -84,42 +101,57 @@ int main(int argc, char **argv) {
              shapes[i][0], shapes[i][1], shapes[i][2], bc->name, threads, g);
       if (g > ceiling) ceiling = g;
     }
-    bam_model *m = NULL;
-    if (bam_model_create(&m, s, B) != BAM_OK) {
-      fprintf(stderr, "bam-bench: %s\n", bam_error_message());
-      return 1;
-    }
-    bam_model_init(m, 1, 0.02f);
-    float *am = bam_alloc(m->n_params * sizeof(float)), *av = bam_alloc(m->n_params * sizeof(float));
-    int32_t *x = bam_alloc(sizeof(int32_t) * N), *y = bam_alloc(sizeof(int32_t) * N);
-    bam_rng rng;
-    bam_rng_seed(&rng, 5, 0);
-    for (int i = 0; i < N; i++) x[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
-    for (int i = 0; i < N; i++) y[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
-    const bam_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f};
-    double t[16];
-    for (int r = -2; r < steps; r++) {
-      double t0 = bam_now();
-      float loss;
-      bam_model_zero_grad(m);
-      if (bam_model_forward(m, x, y, B, T, &loss) != BAM_OK || bam_model_backward(m, 1.0f) != BAM_OK) {
+    const char *kind_names[] = {"dense", "btx", "bam", "bam-shared-kv"};
+    for (int k = 0; k < 4; k++) {
+      if (strcmp(kinds, "all") && strcmp(kinds, kind_names[k])) continue;
+      bam_config cfg;
+      bam_config_defaults(&cfg);
+      cfg.model = *s;
+      if (k > 0) {
+        bam_strlcpy(cfg.method, kind_names[k], sizeof cfg.method);
+        cfg.n_ffn_experts = experts;
+        cfg.n_att_experts = k == 1 ? 0 : experts;
+      }
+      bam_net net;
+      if (bam_net_create(&net, &cfg, B) != BAM_OK) {
         fprintf(stderr, "bam-bench: %s\n", bam_error_message());
         return 1;
       }
-      bam_clip_grad(m->grads_mem, m->n_params, 1.0);
-      bam_adamw_step(m->params_mem, m->grads_mem, am, av, m->tensors, m->n_tensors, 1e-4f, &hp, r + 3);
-      if (r >= 0) t[r] = bam_now() - t0;
+      bam_net_init(&net, 1, 0.02f);
+      float *am = bam_alloc(net.n_params * sizeof(float)), *av = bam_alloc(net.n_params * sizeof(float));
+      int32_t *x = bam_alloc(sizeof(int32_t) * N), *y = bam_alloc(sizeof(int32_t) * N);
+      bam_rng rng;
+      bam_rng_seed(&rng, 5, 0);
+      for (int i = 0; i < N; i++) x[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
+      for (int i = 0; i < N; i++) y[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
+      const bam_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f};
+      double t[16];
+      for (int r = -2; r < steps; r++) {
+        double t0 = bam_now();
+        float loss;
+        bam_net_zero_grad(&net);
+        if (bam_net_forward(&net, x, y, B, T, &loss) != BAM_OK || bam_net_backward(&net, 1.0f) != BAM_OK) {
+          fprintf(stderr, "bam-bench: %s\n", bam_error_message());
+          return 1;
+        }
+        bam_clip_grad(net.grads, net.n_params, 1.0);
+        bam_adamw_step(net.params, net.grads, am, av, net.tensors, net.n_tensors, 1e-4f, &hp, r + 3);
+        if (r >= 0) t[r] = bam_now() - t0;
+      }
+      double dt = median(t, steps);
+      double flops = 3.0 * bam_net_flops_per_token(&net, T) * N;
+      /* what the state needs: params, grads, AdamW m and v, plus the activations */
+      double need = (4.0 * net.n_params * sizeof(float) + (double)net.act_bytes) / (1024.0 * 1024.0);
+      printf("{\"kind\":\"%s\",\"shape\":\"%s\",\"ranks\":1,\"threads\":%d,\"batch\":%d,"
+             "\"seq_len\":%d,\"experts\":%d,\"params\":%zu,\"step_s\":%.4f,\"tokens_per_s\":%.1f,"
+             "\"model_gflops\":%.2f,\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f,"
+             "\"peak_rss_mib\":%.0f,\"state_mib\":%.0f}\n",
+             kind_names[k], bc->name, threads, B, T, k ? experts : 1, net.n_params, dt, N / dt,
+             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, peak_rss_mib(), need);
+      fflush(stdout);
+      bam_free(am), bam_free(av), bam_free(x), bam_free(y);
+      bam_net_free(&net);
     }
-    double dt = median(t, steps);
-    double flops = 3.0 * bam_model_flops_per_token(s, T) * N;
-    printf("{\"kind\":\"dense\",\"shape\":\"%s\",\"ranks\":1,\"threads\":%d,\"batch\":%d,\"seq_len\":%d,"
-           "\"params\":%zu,\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"model_gflops\":%.2f,"
-           "\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f}\n",
-           bc->name, threads, B, T, m->n_params, dt, N / dt, flops / dt / 1e9, ceiling,
-           flops / dt / 1e9 / ceiling);
-    fflush(stdout);
-    bam_free(am), bam_free(av), bam_free(x), bam_free(y);
-    bam_model_free(&m);
   }
   return 0;
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Training throughput of the dense model at the quick and paper-small shapes with 1 and 2
-# threads, beside the cblas_sgemm ceiling measured in the same run. JSON lines on stdout and
+# Training throughput of the dense model and the three mixtures (bam-bench --kind) at the quick
+# and paper-small shapes with 1 and 2
+# threads, beside the cblas_sgemm ceiling measured in the same run, with peak memory. JSON
+# lines on stdout and
 # in bench/results/dense-<host>.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
