@@ -39,6 +39,7 @@
 #ifndef BAM_MIXTURE_H
 #define BAM_MIXTURE_H
 
+#include <mpi.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -99,6 +100,10 @@ typedef struct {
   int last_B, last_T;
   float last_loss;      /* mean token loss (without the auxiliary losses) */
   float last_aux_loss;  /* sum over layers of alpha L_lb + beta L_z */
+  /* Expert parallelism (bam_mixture_set_ep): the group communicator (MPI_COMM_NULL: none),
+   * its size and this rank's position. ep_size 1 is the single-process path. */
+  MPI_Comm ep_comm;
+  int ep_size, ep_rank;
 } bam_mixture;
 
 bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch);
@@ -110,6 +115,20 @@ void bam_mixture_free(bam_mixture **m);
 void bam_mixture_init(bam_mixture *m, uint64_t seed, float std);
 /* The tensor by name, or NULL (also for w_head when tied: the head is wte). */
 float *bam_mixture_tensor(bam_mixture *m, const char *name, const bam_tensor_info **info);
+
+/* Expert parallelism (docs/design-expert-parallel.md). With a communicator of ep > 1 ranks
+ * (MPI_COMM_NULL or a size-1 communicator: the single-process path, bitwise unchanged),
+ * forward and backward become collective over it: every rank of the group passes the same
+ * B and T, routes and scores its own sequences, and rank r computes only FFN experts
+ * [r Ef/ep, (r+1) Ef/ep) (tokens exchanged with MPI_Alltoallv, rows ordered by source rank
+ * then sender order) and, for BAM, attention experts [r Ea/ep, (r+1) Ea/ep) on every
+ * sequence of the group (h all-gathered, partial sums reduce-scattered in rank order).
+ * Parameters stay replicated; the gradient buffer holds this rank's share: its own
+ * experts' gradients (zeros for the others) plus the replicated tensors' gradients of its
+ * tokens, so summing the buffers of the group (any order: x + 0 = x) gives the gradient of
+ * the group's batch. ep must divide Ef and, for BAM, Ea. Reallocates the activations when
+ * the group size changes; the communicator is borrowed (the caller frees it). */
+bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm);
 
 /* Forward as bam_model_forward; *loss is the mean token loss PLUS the auxiliary losses
  * (the quantity that is differentiated); m->last_loss holds the token loss alone and

@@ -24,6 +24,9 @@ typedef struct {
 bam_status bam_net_create(bam_net *n, const bam_config *cfg, int max_batch);
 void bam_net_free(bam_net *n);
 void bam_net_init(bam_net *n, uint64_t seed, float std);
+/* Expert parallelism over ep_comm (bam_mixture_set_ep); MPI_COMM_NULL: none. A dense model
+ * accepts only MPI_COMM_NULL or a size-1 communicator. */
+bam_status bam_net_set_ep(bam_net *n, MPI_Comm ep_comm);
 /* *loss is the differentiated loss (token loss plus a mixture's auxiliary losses). */
 bam_status bam_net_forward(bam_net *n, const int32_t *tokens, const int32_t *targets, int B,
                            int T, float *loss);

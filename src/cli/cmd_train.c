@@ -1,6 +1,6 @@
 /* bam train: train a mixture (BTX, BAM, BAM shared-KV) built by bam mix. Data parallel over
- * the ranks (every rank holds every expert: expert parallelism is the next step, see
- * docs/design-expert-parallel.md). */
+ * the ranks; with mixture.ep > 1 the experts' compute is divided inside groups of ep ranks
+ * (expert parallelism, parameters still replicated: docs/design-expert-parallel.md). */
 #include <string.h>
 
 #include "bam/shard.h"
@@ -53,9 +53,6 @@ bam_status cmd_train(cli_args *a, MPI_Comm comm) {
   if (!cfg.method[0])
     BAM_FAIL(BAM_ERR_CONFIG, "train: %s has no [mixture] method: train dense models with bam pretrain",
              config_file ? config_file : mixture);
-  if (cfg.ep != 1)
-    BAM_FAIL(BAM_ERR_CONFIG, "train: mixture.ep = %d: expert parallelism is not available yet (use ep = 1)",
-             cfg.ep);
   BAM_CHECK(bam_config_validate(&cfg, "train"));
   bam_log("# resolved config\n");
   if (bam_log_rank() == 0) bam_config_write(&cfg, stdout);

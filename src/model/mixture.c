@@ -78,6 +78,15 @@ typedef struct {
   int Ef, k;
   size_t R;  /* rows of one activation slice: max_batch * seq_len */
   size_t PT; /* floats of one attention probability slice: max_batch * H * seq_len^2 */
+  /* Expert parallelism (1 and 0 on the single-process path, where the rest reduces to the
+   * fields above: a0 = 0, nAl = nA, nKVl = nKV, RA = R, PTA = PT, GRk = R k). */
+  int G, gr;  /* group size, this rank's position */
+  int Ga;     /* G for BAM's attention experts (run on the whole group), 1 for BTX */
+  int a0, nAl;/* own attention experts [a0, a0 + nAl) (BTX: the one dense attention) */
+  int kv0, nKVl; /* own K/V sets [kv0, kv0 + nKVl) */
+  int f0, El; /* own FFN experts [f0, f0 + El) */
+  size_t RA, PTA; /* attention-expert rows and probabilities: Ga R, Ga PT */
+  size_t GRk; /* dispatch rows an expert owner may receive: G R k */
 } dims;
 
 struct bam_mix_acts {
@@ -92,9 +101,9 @@ struct bam_mix_acts {
   float *v;           /* (L, nKV, R, kvd) */
   float *probs;       /* (L, nA, PT)      causal softmax per expert */
   float *att;         /* (L, nA, R, d)    attention output before Wo */
-  float *att_p;       /* (L, R, Ea) softmax of the attention router (BAM) */
-  float *att_g;       /* (L, R, Ea) gate used: att_p, or att_p on its top-k and 0 elsewhere */
-  int32_t *att_idx;   /* (L, R, ka) top-k attention experts per token, descending */
+  float *att_p;       /* (L, RA, Ea) softmax of the attention router (BAM) */
+  float *att_g;       /* (L, RA, Ea) gate used: att_p, or att_p on its top-k and 0 elsewhere */
+  int32_t *att_idx;   /* (L, RA, ka) top-k attention experts per token, descending */
   int32_t *att_active;/* (L, Ea) 1 if any token kept the expert (else it was skipped) */
   float *ffn_p;       /* (L, R, Ef) softmax of the FFN router */
   float *ffn_lse;     /* (L, R) logsumexp of the FFN router logits (z-loss) */
@@ -131,6 +140,15 @@ struct bam_mix_acts {
   float *dgate;       /* (R*k, f) */
   float *dup;         /* (R*k, f) */
   int32_t *seq_count; /* (Ef) per-sequence assignment counter of the dispatch */
+  /* ---- expert parallelism only (empty when G = 1); the arrays above with R rows that
+   * hold group data are RA (attention) or GRk (dispatch) rows long ---- */
+  float *hg;          /* (L, RA, d) h of the group's sequences, rank order (BAM) */
+  float *xr;          /* (L, GRk, d) received dispatch rows, own-expert order */
+  int32_t *ep_cnt;    /* (L, G, El) rows received from each source for each own expert */
+  float *ep_a, *ep_b, *ep_c; /* (RA * max(d, Ea)) attention exchange scratch */
+  float *sbuf;        /* (R k, d+1) dispatch rows sent and returned */
+  float *rbuf, *ebuf; /* (GRk, d+1) rows received: in source order, in expert order */
+  float *ep_w;        /* (GRk) gates, then gate gradients, of the received rows */
   /* ---- state of the last forward ---- */
   int has_targets;
   long n_valid;
@@ -139,7 +157,7 @@ struct bam_mix_acts {
 
 /* ---- sizes, views, allocation ---- */
 
-static dims dims_of(const bam_mixture_shape *s, int max_batch) {
+static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr) {
   const bam_model_shape *b = &s->base;
   dims z;
   z.L = b->n_layers;
@@ -159,7 +177,23 @@ static dims dims_of(const bam_mixture_shape *s, int max_batch) {
   z.k = s->ffn_top_k;
   z.R = (size_t)max_batch * (size_t)b->seq_len;
   z.PT = (size_t)max_batch * (size_t)b->n_heads * (size_t)b->seq_len * (size_t)b->seq_len;
+  z.G = G;
+  z.gr = gr;
+  z.Ga = z.bam ? G : 1;
+  z.nAl = z.nA / z.Ga;
+  z.a0 = gr * z.nAl * (z.Ga > 1);
+  z.nKVl = z.nKV == 1 ? 1 : z.nAl;
+  z.kv0 = z.nKV == 1 ? 0 : z.a0;
+  z.El = z.Ef / G;
+  z.f0 = gr * z.El;
+  z.RA = (size_t)z.Ga * z.R;
+  z.PTA = (size_t)z.Ga * z.PT;
+  z.GRk = (size_t)G * z.R * (size_t)z.k;
   return z;
+}
+
+static dims dims_m(const bam_mixture *m) {
+  return dims_of(&m->shape, m->max_batch, m->ep_size, m->ep_rank);
 }
 
 static void params_view(mix_params *p, const bam_mixture *m, float *base) {
@@ -184,9 +218,10 @@ static void params_view(mix_params *p, const bam_mixture *m, float *base) {
  * buffer into base. Each buffer starts on a 64-byte boundary. Returns the bytes needed. */
 static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char *base) {
   const size_t L = (size_t)z->L, d = (size_t)z->d, kvd = (size_t)z->kvd, f = (size_t)z->f,
-               V = (size_t)z->V, R = z->R, Rk = R * (size_t)z->k, nA = (size_t)z->nA,
-               nKV = (size_t)z->nKV, Ea = (size_t)z->Ea, Ef = (size_t)z->Ef, ka = (size_t)z->ka,
-               E = Ea > Ef ? Ea : Ef, PT = z->PT;
+               V = (size_t)z->V, R = z->R, Rk = R * (size_t)z->k, nA = (size_t)z->nAl,
+               nKV = (size_t)z->nKVl, Ea = (size_t)z->Ea, Ef = (size_t)z->Ef, ka = (size_t)z->ka,
+               E = Ea > Ef ? Ea : Ef, PT = z->PTA, RA = z->RA, GRk = z->GRk,
+               ep = z->G > 1, epa = z->Ga > 1, dE = d > Ea ? d : Ea;
   size_t off = 0;
 #define SLOT(field, count)                                  \
   do {                                                      \
@@ -197,14 +232,14 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(ln_out, L * R * d);
   SLOT(ln_mean, L * R);
   SLOT(ln_rstd, L * R);
-  SLOT(q, L * nA * R * d);
-  SLOT(k, L * nKV * R * kvd);
-  SLOT(v, L * nKV * R * kvd);
+  SLOT(q, L * nA * RA * d);
+  SLOT(k, L * nKV * RA * kvd);
+  SLOT(v, L * nKV * RA * kvd);
   SLOT(probs, L * nA * PT);
-  SLOT(att, L * nA * R * d);
-  SLOT(att_p, L * R * Ea);
-  SLOT(att_g, L * R * Ea);
-  SLOT(att_idx, L * R * ka);
+  SLOT(att, L * nA * RA * d);
+  SLOT(att_p, L * RA * Ea);
+  SLOT(att_g, L * RA * Ea);
+  SLOT(att_idx, L * RA * ka);
   SLOT(att_active, L * Ea);
   SLOT(ffn_p, L * R * Ef);
   SLOT(ffn_lse, L * R);
@@ -214,9 +249,9 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(disp_slot, L * Rk);
   SLOT(disp_off, L * (Ef + 1));
   SLOT(ffn_frac, L * max_batch * Ef);
-  SLOT(gate, L * Rk * f);
-  SLOT(up, L * Rk * f);
-  SLOT(swi, L * Rk * f);
+  SLOT(gate, L * GRk * f);
+  SLOT(up, L * GRk * f);
+  SLOT(swi, L * GRk * f);
   SLOT(lnf_out, R * d);
   SLOT(lnf_mean, R);
   SLOT(lnf_rstd, R);
@@ -226,20 +261,30 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(targets, R);
   SLOT(dres, R * d);
   SLOT(dh, R * d);
-  SLOT(datt, R * d);
-  SLOT(tmp, z->bam ? R * d : 0);
-  SLOT(dq, R * d);
-  SLOT(dk, R * kvd);
-  SLOT(dv, R * kvd);
+  SLOT(datt, RA * d);
+  SLOT(tmp, z->bam ? RA * d : 0);
+  SLOT(dq, RA * d);
+  SLOT(dk, RA * kvd);
+  SLOT(dv, RA * kvd);
   SLOT(dscores, PT);
-  SLOT(drouter, R * E);
+  SLOT(drouter, RA * E);
   SLOT(dgate_w, Rk);
   SLOT(xg, Rk * d);
-  SLOT(yg, Rk * d);
-  SLOT(dswi, Rk * f);
-  SLOT(dgate, Rk * f);
-  SLOT(dup, Rk * f);
+  SLOT(yg, GRk * d);
+  SLOT(dswi, GRk * f);
+  SLOT(dgate, GRk * f);
+  SLOT(dup, GRk * f);
   SLOT(seq_count, Ef);
+  SLOT(hg, epa ? L * RA * d : 0);
+  SLOT(xr, ep ? L * GRk * d : 0);
+  SLOT(ep_cnt, ep ? L * Ef : 0);
+  SLOT(ep_a, epa ? RA * dE : 0);
+  SLOT(ep_b, epa ? RA * dE : 0);
+  SLOT(ep_c, epa ? RA * dE : 0);
+  SLOT(sbuf, ep ? Rk * (d + 1) : 0);
+  SLOT(rbuf, ep ? GRk * (d + 1) : 0);
+  SLOT(ebuf, ep ? GRk * (d + 1) : 0);
+  SLOT(ep_w, ep ? GRk : 0);
 #undef SLOT
   return off;
 }
@@ -280,7 +325,10 @@ bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape,
   /* Activations: measure, allocate once, carve. */
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&m->acts, sizeof *m->acts, "the activation table"),
                  fail);
-  const dims z = dims_of(shape, max_batch);
+  m->ep_comm = MPI_COMM_NULL;
+  m->ep_size = 1;
+  m->ep_rank = 0;
+  const dims z = dims_of(shape, max_batch, 1, 0);
   const size_t act_bytes = act_layout(m->acts, &z, (size_t)max_batch, NULL);
   char what[128];
   snprintf(what, sizeof what, "mixture activations (batch %d x seq_len %d, %s)", max_batch,
@@ -296,6 +344,44 @@ bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape,
 fail:
   bam_mixture_free(&m);
   return st;
+}
+
+bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm) {
+  if (!m) BAM_FAIL(BAM_ERR_ARG, "bam_mixture_set_ep: NULL mixture");
+  int G = 1, gr = 0;
+  if (ep_comm != MPI_COMM_NULL) {
+    MPI_Comm_size(ep_comm, &G);
+    MPI_Comm_rank(ep_comm, &gr);
+  }
+  const bam_mixture_shape *s = &m->shape;
+  if (G > 1 && s->n_ffn_experts % G)
+    BAM_FAIL(BAM_ERR_CONFIG,
+             "expert parallelism: ep = %d does not divide the %d FFN experts of the mixture", G,
+             s->n_ffn_experts);
+  if (G > 1 && s->method != BAM_METHOD_BTX && s->n_att_experts % G)
+    BAM_FAIL(BAM_ERR_CONFIG,
+             "expert parallelism: ep = %d does not divide the %d attention experts of the %s "
+             "mixture", G, s->n_att_experts, bam_method_name(s->method));
+  if (G != m->ep_size) { /* the group-sized activations: measure, allocate, carve */
+    const dims z = dims_of(s, m->max_batch, G, gr);
+    const size_t bytes = act_layout(m->acts, &z, (size_t)m->max_batch, NULL);
+    void *mem = NULL;
+    char what[160];
+    snprintf(what, sizeof what, "mixture activations for expert parallelism over %d ranks "
+             "(batch %d x seq_len %d, %s)", G, m->max_batch, s->base.seq_len,
+             bam_method_name(s->method));
+    BAM_CHECK(bam_alloc_checked(&mem, bytes, what));
+    bam_free(m->acts->mem);
+    m->acts->mem = mem;
+    act_layout(m->acts, &z, (size_t)m->max_batch, mem);
+    const size_t rope_n = (size_t)s->base.seq_len * (size_t)(bam_head_dim(&s->base) / 2);
+    m->act_bytes = bytes + 2 * rope_n * sizeof(float);
+  }
+  m->ep_comm = G > 1 ? ep_comm : MPI_COMM_NULL;
+  m->ep_size = G;
+  m->ep_rank = G > 1 ? gr : 0;
+  m->acts->has_targets = 0;
+  return BAM_OK;
 }
 
 void bam_mixture_free(bam_mixture **mp) {
@@ -351,6 +437,9 @@ static float *ffn_w_of(float *t, const dims *z, int l, int e) {
 /* Saved activations of layer l. */
 typedef struct {
   float *x, *x_next, *h, *mean, *rstd;
+  float *hA;          /* h of the rows the attention experts run on: h, or the group's (EP) */
+  float *xr;          /* received dispatch rows (EP) */
+  int32_t *ep_cnt;    /* (G, El) received row counts (EP) */
   float *att_p, *att_g;
   int32_t *att_idx, *att_active;
   float *ffn_p, *ffn_lse, *ffn_w, *gate, *up, *swi;
@@ -361,23 +450,26 @@ typedef struct {
 static layer_acts acts_of(const bam_mixture *m, const dims *z, int l) {
   const bam_mix_acts *a = m->acts;
   const size_t L = (size_t)l, R = z->R, Rk = R * (size_t)z->k, d = (size_t)z->d,
-               f = (size_t)z->f;
+               f = (size_t)z->f, RA = z->RA, GRk = z->GRk;
   return (layer_acts){
+      .hA = z->Ga > 1 ? a->hg + L * RA * d : a->ln_out + L * R * d,
+      .xr = a->xr + L * GRk * d,
+      .ep_cnt = a->ep_cnt + L * (size_t)z->Ef,
       .x = a->res + L * R * d,
       .x_next = a->res + (L + 1) * R * d,
       .h = a->ln_out + L * R * d,
       .mean = a->ln_mean + L * R,
       .rstd = a->ln_rstd + L * R,
-      .att_p = a->att_p + L * R * (size_t)z->Ea,
-      .att_g = a->att_g + L * R * (size_t)z->Ea,
-      .att_idx = a->att_idx + L * R * (size_t)z->ka,
+      .att_p = a->att_p + L * RA * (size_t)z->Ea,
+      .att_g = a->att_g + L * RA * (size_t)z->Ea,
+      .att_idx = a->att_idx + L * RA * (size_t)z->ka,
       .att_active = a->att_active + L * (size_t)z->Ea,
       .ffn_p = a->ffn_p + L * R * (size_t)z->Ef,
       .ffn_lse = a->ffn_lse + L * R,
       .ffn_w = a->ffn_w + L * Rk,
-      .gate = a->gate + L * Rk * f,
-      .up = a->up + L * Rk * f,
-      .swi = a->swi + L * Rk * f,
+      .gate = a->gate + L * GRk * f,
+      .up = a->up + L * GRk * f,
+      .swi = a->swi + L * GRk * f,
       .ffn_idx = a->ffn_idx + L * Rk,
       .ffn_row = a->ffn_row + L * Rk,
       .disp_slot = a->disp_slot + L * Rk,
@@ -387,20 +479,22 @@ static layer_acts acts_of(const bam_mixture *m, const dims *z, int l) {
 }
 
 /* Attention expert j's saved q, att, probs and its K/V set jk's k, v in layer l. */
+/* Only the rank's own experts are stored (all of them without EP): j and jk are global
+ * expert indices, stored at j - a0 and jk - kv0. */
 static float *q_of(const bam_mixture *m, const dims *z, int l, int j) {
-  return m->acts->q + ((size_t)l * z->nA + j) * z->R * z->d;
+  return m->acts->q + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->RA * z->d;
 }
 static float *att_of(const bam_mixture *m, const dims *z, int l, int j) {
-  return m->acts->att + ((size_t)l * z->nA + j) * z->R * z->d;
+  return m->acts->att + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->RA * z->d;
 }
 static float *probs_of(const bam_mixture *m, const dims *z, int l, int j) {
-  return m->acts->probs + ((size_t)l * z->nA + j) * z->PT;
+  return m->acts->probs + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->PTA;
 }
 static float *k_of(const bam_mixture *m, const dims *z, int l, int jk) {
-  return m->acts->k + ((size_t)l * z->nKV + jk) * z->R * z->kvd;
+  return m->acts->k + ((size_t)l * z->nKVl + (size_t)(jk - z->kv0)) * z->RA * z->kvd;
 }
 static float *v_of(const bam_mixture *m, const dims *z, int l, int jk) {
-  return m->acts->v + ((size_t)l * z->nKV + jk) * z->R * z->kvd;
+  return m->acts->v + ((size_t)l * z->nKVl + (size_t)(jk - z->kv0)) * z->RA * z->kvd;
 }
 
 /* ---- routing helpers ---- */
@@ -454,25 +548,48 @@ static float dot_f(const float *x, const float *y, int n) {
 
 /* ---- attention branch ---- */
 
-/* Writes the attention branch output (N, d) into x.x_next. */
+/* ---- expert-parallel exchanges (G > 1) ---- */
+
+/* Rank order reduce-scatter of a (G n) buffer over the group: every rank sends block r of
+ * part to rank r; returns recv[0, n) = ((s_0 + s_1) + s_2) + ... of this rank's block
+ * (recv: G n floats). Bitwise independent of timing. */
+static float *ep_reduce_scatter(const float *part, float *recv, size_t n, const bam_mixture *m) {
+  const int G = m->ep_size;
+  MPI_Alltoall(part, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, m->ep_comm);
+  for (int s = 1; s < G; s++) {
+    const float *src = recv + (size_t)s * n;
+#pragma omp parallel for schedule(static) if ((long)n >= PAR_MIN_WORK)
+    for (size_t i = 0; i < n; i++) recv[i] += src[i];
+  }
+  return recv;
+}
+
+/* Writes the attention branch output (N, d) into x.x_next. BAM with expert parallelism
+ * (Ga > 1): the group's h is gathered, this rank's experts run on all NA = Ga N rows and
+ * their partial sum is reduce-scattered in rank order. */
 static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T) {
   bam_mix_acts *a = m->acts;
   const mix_params *P = &a->p;
   const layer_acts x = acts_of(m, z, l);
   const int N = B * T, d = z->d, kvd = z->kvd, Ea = z->Ea;
+  const int NA = z->Ga * N, BA = z->Ga * B;
   const float *cs = m->rope_cos, *sn = m->rope_sin;
+  if (z->Ga > 1)
+    MPI_Allgather(x.h, N * d, MPI_FLOAT, x.hA, N * d, MPI_FLOAT, m->ep_comm);
+  const float *hA = x.hA;
+  float *yA = z->Ga > 1 ? a->ep_a : x.x_next; /* this rank's (partial) branch output */
 
   if (z->bam) {
     /* g = softmax(h Wa^T); with att_top_k the gate keeps only each token's top-k entries,
      * unnormalised. An expert no token kept has g = 0 everywhere: skipped (exact). */
-    bam_matmul_forward(x.att_p, x.h, layer_w_of(P, z, l).att_router, N, d, Ea);
-    router_softmax(x.att_p, NULL, N, Ea);
+    bam_matmul_forward(x.att_p, hA, layer_w_of(P, z, l).att_router, NA, d, Ea);
+    router_softmax(x.att_p, NULL, NA, Ea);
     if (z->ka == 0) {
-      memcpy(x.att_g, x.att_p, (size_t)N * Ea * sizeof(float));
+      memcpy(x.att_g, x.att_p, (size_t)NA * Ea * sizeof(float));
       for (int j = 0; j < Ea; j++) x.att_active[j] = 1;
     } else {
-#pragma omp parallel for schedule(static) if ((long)N * Ea >= PAR_MIN_WORK)
-      for (int t = 0; t < N; t++) {
+#pragma omp parallel for schedule(static) if ((long)NA * Ea >= PAR_MIN_WORK)
+      for (int t = 0; t < NA; t++) {
         int32_t *idx = x.att_idx + (size_t)t * z->ka;
         float *g = x.att_g + (size_t)t * Ea;
         const float *p = x.att_p + (size_t)t * Ea;
@@ -481,41 +598,41 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
         for (int r = 0; r < z->ka; r++) g[idx[r]] = p[idx[r]];
       }
       for (int j = 0; j < Ea; j++) x.att_active[j] = 0;
-      for (size_t i = 0; i < (size_t)N * z->ka; i++) x.att_active[x.att_idx[i]] = 1;
+      for (size_t i = 0; i < (size_t)NA * z->ka; i++) x.att_active[x.att_idx[i]] = 1;
     }
-    memset(x.x_next, 0, (size_t)N * d * sizeof(float));
+    memset(yA, 0, (size_t)NA * d * sizeof(float));
   }
   /* One K/V for every expert (BTX, shared KV): project once. */
   if (z->nKV == 1) {
     float *k = k_of(m, z, l, 0), *v = v_of(m, z, l, 0);
-    bam_matmul_forward(k, x.h, wk_of(P, z, l, 0), N, d, kvd);
-    bam_matmul_forward(v, x.h, wv_of(P, z, l, 0), N, d, kvd);
-    bam_rope_forward(k, cs, sn, B, T, z->Hkv, z->hd, 0);
+    bam_matmul_forward(k, hA, wk_of(P, z, l, 0), NA, d, kvd);
+    bam_matmul_forward(v, hA, wv_of(P, z, l, 0), NA, d, kvd);
+    bam_rope_forward(k, cs, sn, BA, T, z->Hkv, z->hd, 0);
   }
-  for (int j = 0; j < z->nA; j++) {
+  for (int j = z->a0; j < z->a0 + z->nAl; j++) {
     if (z->bam && !x.att_active[j]) continue;
     const int jk = z->nKV == 1 ? 0 : j;
     float *q = q_of(m, z, l, j), *k = k_of(m, z, l, jk), *v = v_of(m, z, l, jk);
     float *att = att_of(m, z, l, j);
-    bam_matmul_forward(q, x.h, wq_of(P, z, l, j), N, d, d);
-    bam_rope_forward(q, cs, sn, B, T, z->H, z->hd, 0);
+    bam_matmul_forward(q, hA, wq_of(P, z, l, j), NA, d, d);
+    bam_rope_forward(q, cs, sn, BA, T, z->H, z->hd, 0);
     if (z->nKV > 1) {
-      bam_matmul_forward(k, x.h, wk_of(P, z, l, jk), N, d, kvd);
-      bam_matmul_forward(v, x.h, wv_of(P, z, l, jk), N, d, kvd);
-      bam_rope_forward(k, cs, sn, B, T, z->Hkv, z->hd, 0);
+      bam_matmul_forward(k, hA, wk_of(P, z, l, jk), NA, d, kvd);
+      bam_matmul_forward(v, hA, wv_of(P, z, l, jk), NA, d, kvd);
+      bam_rope_forward(k, cs, sn, BA, T, z->Hkv, z->hd, 0);
     }
-    bam_attention_forward(att, probs_of(m, z, l, j), q, k, v, B, T, z->H, z->Hkv, z->hd);
+    bam_attention_forward(att, probs_of(m, z, l, j), q, k, v, BA, T, z->H, z->Hkv, z->hd);
     if (!z->bam) { /* BTX: the dense attention, straight into the branch output */
       bam_matmul_forward(x.x_next, att, wo_of(P, z, l, j), N, d, d);
       continue;
     }
     /* MoA += g_j * o_j, experts summed in index order (deterministic). */
     float *o = a->datt; /* backward scratch, free during the forward pass */
-    bam_matmul_forward(o, att, wo_of(P, z, l, j), N, d, d);
-    float *y = x.x_next;
+    bam_matmul_forward(o, att, wo_of(P, z, l, j), NA, d, d);
+    float *y = yA;
     const float *g = x.att_g;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-    for (int t = 0; t < N; t++) {
+#pragma omp parallel for schedule(static) if ((long)NA * d >= PAR_MIN_WORK)
+    for (int t = 0; t < NA; t++) {
       const float gj = g[(size_t)t * Ea + j];
       float *yt = y + (size_t)t * d;
       const float *ot = o + (size_t)t * d;
@@ -523,25 +640,41 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
       for (int c = 0; c < d; c++) yt[c] += gj * ot[c];
     }
   }
+  if (z->Ga > 1) {
+    const float *sum = ep_reduce_scatter(yA, a->ep_c, (size_t)N * d, m);
+    memcpy(x.x_next, sum, (size_t)N * d * sizeof(float));
+  }
 }
 
 /* Adds the attention branch's gradients: dy = dres (the branch output's gradient), into
- * dh and the parameter gradients. */
+ * dh and the parameter gradients. With expert parallelism (Ga > 1) dy is gathered over the
+ * group, this rank's experts back-propagate all group rows, the partial dh and the gate
+ * gradients (zero outside this rank's experts) are reduce-scattered in rank order, and the
+ * router backward runs on this rank's own rows. */
 static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int T) {
   bam_mix_acts *a = m->acts;
   const mix_params *P = &a->p, *G = &a->g;
   const layer_acts x = acts_of(m, z, l);
   const int N = B * T, d = z->d, kvd = z->kvd, Ea = z->Ea;
+  const int NA = z->Ga * N, BA = z->Ga * B;
   const float *cs = m->rope_cos, *sn = m->rope_sin, *dy = a->dres;
-  const size_t nd = (size_t)N * d * sizeof(float), nkv = (size_t)N * kvd * sizeof(float);
-  float *dg = a->drouter; /* (N, Ea) dL/dg */
+  const size_t nd = (size_t)NA * d * sizeof(float), nkv = (size_t)NA * kvd * sizeof(float);
+  float *dg = a->drouter; /* (NA, Ea) dL/dg */
+  const float *hA = x.hA;
+  float *dhA = a->dh;
+  if (z->Ga > 1) {
+    MPI_Allgather(a->dres, N * d, MPI_FLOAT, a->ep_a, N * d, MPI_FLOAT, m->ep_comm);
+    dy = a->ep_a;
+    dhA = a->ep_b;
+    memset(dhA, 0, nd);
+  }
 
-  if (z->bam) memset(dg, 0, (size_t)N * Ea * sizeof(float));
+  if (z->bam) memset(dg, 0, (size_t)NA * Ea * sizeof(float));
   if (z->nKV == 1) { /* the shared K/V gradients gather every expert's share */
     memset(a->dk, 0, nkv);
     memset(a->dv, 0, nkv);
   }
-  for (int j = 0; j < z->nA; j++) {
+  for (int j = z->a0; j < z->a0 + z->nAl; j++) {
     if (z->bam && !x.att_active[j]) continue; /* g_j = 0: no gradient anywhere */
     const int jk = z->nKV == 1 ? 0 : j;
     const float *q = q_of(m, z, l, j), *k = k_of(m, z, l, jk), *v = v_of(m, z, l, jk);
@@ -554,11 +687,11 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
       /* y = sum_j g_j o_j, o_j = att_j Wo_j^T:
        *   dg_j = <dy, o_j> = <dy Wo_j, att_j>,   datt_j = g_j dy Wo_j,
        *   dWo_j += (g_j dy)^T att_j. */
-      bam_matmul_backward(a->datt, NULL, dy, att, wo, N, d, d); /* datt = dy Wo_j */
+      bam_matmul_backward(a->datt, NULL, dy, att, wo, NA, d, d); /* datt = dy Wo_j */
       const float *g = x.att_g;
       float *tmp = a->tmp, *datt = a->datt;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-      for (int t = 0; t < N; t++) {
+#pragma omp parallel for schedule(static) if ((long)NA * d >= PAR_MIN_WORK)
+      for (int t = 0; t < NA; t++) {
         const size_t r = (size_t)t * d;
         const float gj = g[(size_t)t * Ea + j];
         dg[(size_t)t * Ea + j] = dot_f(datt + r, att + r, d);
@@ -567,7 +700,7 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
           datt[r + c] *= gj;
         }
       }
-      bam_matmul_backward(NULL, gwo, tmp, att, wo, N, d, d);
+      bam_matmul_backward(NULL, gwo, tmp, att, wo, NA, d, d);
     }
     memset(a->dq, 0, nd);
     if (z->nKV > 1) {
@@ -575,31 +708,46 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
       memset(a->dv, 0, nkv);
     }
     bam_attention_backward(a->dq, a->dk, a->dv, a->dscores, a->datt, probs_of(m, z, l, j), q, k, v,
-                           B, T, z->H, z->Hkv, z->hd);
+                           BA, T, z->H, z->Hkv, z->hd);
     /* The saved q, k are post-RoPE: rotate their gradients back (RoPE is linear, so the
      * shared dk can be rotated once after summing the experts). */
-    bam_rope_backward(a->dq, cs, sn, B, T, z->H, z->hd, 0);
-    bam_matmul_backward(a->dh, wq_of(G, z, l, j), a->dq, x.h, wq_of(P, z, l, j), N, d, d);
+    bam_rope_backward(a->dq, cs, sn, BA, T, z->H, z->hd, 0);
+    bam_matmul_backward(dhA, wq_of(G, z, l, j), a->dq, hA, wq_of(P, z, l, j), NA, d, d);
     if (z->nKV > 1) {
-      bam_rope_backward(a->dk, cs, sn, B, T, z->Hkv, z->hd, 0);
-      bam_matmul_backward(a->dh, wk_of(G, z, l, jk), a->dk, x.h, wk_of(P, z, l, jk), N, d, kvd);
-      bam_matmul_backward(a->dh, wv_of(G, z, l, jk), a->dv, x.h, wv_of(P, z, l, jk), N, d, kvd);
+      bam_rope_backward(a->dk, cs, sn, BA, T, z->Hkv, z->hd, 0);
+      bam_matmul_backward(dhA, wk_of(G, z, l, jk), a->dk, hA, wk_of(P, z, l, jk), NA, d, kvd);
+      bam_matmul_backward(dhA, wv_of(G, z, l, jk), a->dv, hA, wv_of(P, z, l, jk), NA, d, kvd);
     }
   }
   if (z->nKV == 1) {
-    bam_rope_backward(a->dk, cs, sn, B, T, z->Hkv, z->hd, 0);
-    bam_matmul_backward(a->dh, wk_of(G, z, l, 0), a->dk, x.h, wk_of(P, z, l, 0), N, d, kvd);
-    bam_matmul_backward(a->dh, wv_of(G, z, l, 0), a->dv, x.h, wv_of(P, z, l, 0), N, d, kvd);
+    bam_rope_backward(a->dk, cs, sn, BA, T, z->Hkv, z->hd, 0);
+    bam_matmul_backward(dhA, wk_of(G, z, l, 0), a->dk, hA, wk_of(P, z, l, 0), NA, d, kvd);
+    bam_matmul_backward(dhA, wv_of(G, z, l, 0), a->dv, hA, wv_of(P, z, l, 0), NA, d, kvd);
   }
   if (!z->bam) return;
+  const float *att_p = x.att_p;
+  const int32_t *att_idx = x.att_idx;
+  if (z->Ga > 1) {
+    /* dh of this rank's rows, summed over the experts of the group in rank order; the gate
+     * gradients likewise (each column is nonzero on its owner only: the sum is exact). */
+    const float *sum = ep_reduce_scatter(dhA, a->ep_c, (size_t)N * d, m);
+    float *dh = a->dh;
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+    for (size_t i = 0; i < (size_t)N * d; i++) dh[i] += sum[i];
+    memcpy(a->ep_a, dg, (size_t)NA * Ea * sizeof(float));
+    const float *gsum = ep_reduce_scatter(a->ep_a, a->ep_c, (size_t)N * Ea, m);
+    memcpy(dg, gsum, (size_t)N * Ea * sizeof(float));
+    att_p += (size_t)z->gr * N * Ea;
+    att_idx += (size_t)z->gr * N * z->ka;
+  }
   /* Router: the kept gates are softmax entries, dropped ones constants (0). In place, per
    * token: dp = dg on the kept entries, dz = p (dp - <p, dp>). */
 #pragma omp parallel for schedule(static) if ((long)N * Ea >= PAR_MIN_WORK)
   for (int t = 0; t < N; t++) {
     float *dp = dg + (size_t)t * Ea;
-    const float *p = x.att_p + (size_t)t * Ea;
+    const float *p = att_p + (size_t)t * Ea;
     if (z->ka > 0) { /* zero the entries outside the top-k */
-      const int32_t *idx = x.att_idx + (size_t)t * z->ka;
+      const int32_t *idx = att_idx + (size_t)t * z->ka;
       for (int j = 0; j < Ea; j++) {
         int kept = 0;
         for (int r = 0; r < z->ka; r++) kept |= idx[r] == j;
@@ -726,11 +874,13 @@ static void moe_forward(bam_mixture *m, const dims *z, int l, int B, int T, floa
   }
 }
 
+static void moe_router_backward(bam_mixture *m, const dims *z, int l, int B, int T,
+                                float grad_scale);
+
 /* Adds the FFN branch's gradients (dy = dres) into dh and the parameter gradients, the
  * routers' included (gates, load balance, z-loss). */
 static void moe_backward(bam_mixture *m, const dims *z, int l, int B, int T, float grad_scale) {
   bam_mix_acts *a = m->acts;
-  const bam_mixture_shape *s = &m->shape;
   const layer_acts x = acts_of(m, z, l);
   const int N = B * T, k = z->k, d = z->d, f = z->f, Ef = z->Ef, n_rows = x.disp_off[Ef];
   float *A = a->yg, *dswi = a->dswi, *dw = a->dgate_w;
@@ -786,6 +936,19 @@ static void moe_backward(bam_mixture *m, const dims *z, int l, int B, int T, flo
 #pragma omp simd
       for (int c = 0; c < d; c++) dt[c] += src[c];
     }
+  moe_router_backward(m, z, l, B, T, grad_scale);
+}
+
+/* The FFN router's gradients from the assignment gate gradients a->dgate_w (dL/dw per
+ * assignment slot, 0 when dropped) and the auxiliary losses, into dh and dWr. */
+static void moe_router_backward(bam_mixture *m, const dims *z, int l, int B, int T,
+                                float grad_scale) {
+  bam_mix_acts *a = m->acts;
+  const bam_mixture_shape *s = &m->shape;
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, k = z->k, d = z->d, Ef = z->Ef;
+  const float *dw = a->dgate_w;
+  float *dh = a->dh;
 
   /* Router: dp from the gates (through the renormalisation), + the load-balance term
    * Ef f_i / N (f constant), then through the softmax, + the z-loss 2 lse p_j / N. The
@@ -819,6 +982,195 @@ static void moe_backward(bam_mixture *m, const dims *z, int l, int B, int T, flo
                       layer_w_of(&a->p, z, l).ffn_router, N, d, Ef);
 }
 
+/* ---- FFN experts across the group (expert parallelism, G > 1) ----
+ *
+ * Rank r of the group owns FFN experts [r El, (r+1) El). Its local dispatch (moe_route,
+ * unchanged) is sorted by expert, so the rows for rank r are the contiguous dispatch rows
+ * [disp_off[r El], disp_off[(r+1) El]), each expert's in token order. The owner receives
+ * them in source rank order (MPI_Alltoallv) and reorders them so that each of its experts
+ * has contiguous rows ordered by (source rank, sender order): the expert's input matrix
+ * does not depend on the message timing, and for P = 1 vs a group of 2 it is the rows one
+ * rank holding both halves of the batch would have. Outputs (ungated) travel back the
+ * same way and the token's rank combines them with its gates as without EP. Backward: dy
+ * rows with their gate travel to the owners, which return dX rows with the gate gradient;
+ * the router backward (gates, load balance, z-loss) runs on the token's rank. */
+
+/* Exchange plan in floats for rows of w floats: sent to / received from each rank. Returns
+ * the rows received. cnt: (G, El) rows received from each source for each own expert. */
+static int ep_plan(const int32_t *off, const int32_t *cnt, int G, int El, int w, int *sc,
+                   int *sd, int *rc, int *rd) {
+  int rows = 0;
+  for (int r = 0; r < G; r++) {
+    sc[r] = (off[(r + 1) * El] - off[r * El]) * w;
+    sd[r] = off[r * El] * w;
+    int n = 0;
+    for (int e = 0; e < El; e++) n += cnt[r * El + e];
+    rc[r] = n * w;
+    rd[r] = rows * w;
+    rows += n;
+  }
+  return rows;
+}
+
+/* eoff[e]: first row of own expert e in expert order; eoff[El] = rows. */
+static void ep_offsets(const int32_t *cnt, int G, int El, int *eoff) {
+  eoff[0] = 0;
+  for (int e = 0; e < El; e++) {
+    int n = 0;
+    for (int r = 0; r < G; r++) n += cnt[r * El + e];
+    eoff[e + 1] = eoff[e] + n;
+  }
+}
+
+/* Moves rows of w floats between source order (src_rows: source, expert, sender order)
+ * and expert order (exp_rows: expert, source, sender order), in the direction asked. */
+static void ep_reorder(const int32_t *cnt, int G, int El, int w, float *src_rows,
+                       float *exp_rows, int to_expert_order) {
+  int eoff[El + 1];
+  ep_offsets(cnt, G, El, eoff);
+  size_t rpos = 0;
+  for (int r = 0; r < G; r++)
+    for (int e = 0; e < El; e++) {
+      const size_t n = (size_t)cnt[r * El + e] * (size_t)w;
+      float *a = src_rows + rpos, *b = exp_rows + (size_t)eoff[e] * w;
+      if (to_expert_order) memcpy(b, a, n * sizeof(float));
+      else memcpy(a, b, n * sizeof(float));
+      rpos += n;
+      eoff[e] += cnt[r * El + e];
+    }
+}
+
+static void moe_forward_ep(bam_mixture *m, const dims *z, int l, int B, int T, float *out) {
+  bam_mix_acts *a = m->acts;
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, k = z->k, d = z->d, f = z->f, G = z->G, El = z->El, Ef = z->Ef;
+  const int32_t *off = x.disp_off;
+  const int n_rows = off[Ef];
+  int sc[G], sd[G], rc[G], rd[G], eoff[El + 1];
+  int32_t send_cnt[Ef];
+  for (int e = 0; e < Ef; e++) send_cnt[e] = off[e + 1] - off[e];
+  MPI_Alltoall(send_cnt, El, MPI_INT32_T, x.ep_cnt, El, MPI_INT32_T, m->ep_comm);
+  gather_rows(a->xg, x.h, x.disp_slot, n_rows, k, d);
+  const int nr = ep_plan(off, x.ep_cnt, G, El, d, sc, sd, rc, rd);
+  MPI_Alltoallv(a->xg, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm);
+  ep_reorder(x.ep_cnt, G, El, d, a->rbuf, x.xr, 1);
+  ep_offsets(x.ep_cnt, G, El, eoff);
+  for (int e = 0; e < El; e++) {
+    const int r0 = eoff[e], n = eoff[e + 1] - r0, ge = z->f0 + e;
+    const float *xe = x.xr + (size_t)r0 * d;
+    bam_matmul_forward(x.gate + (size_t)r0 * f, xe, ffn_w_of(a->p.w_gate, z, l, ge), n, d, f);
+    bam_matmul_forward(x.up + (size_t)r0 * f, xe, ffn_w_of(a->p.w_up, z, l, ge), n, d, f);
+  }
+  bam_swiglu_forward(x.swi, x.gate, x.up, (long)nr * f);
+  for (int e = 0; e < El; e++) {
+    const int r0 = eoff[e], n = eoff[e + 1] - r0;
+    bam_matmul_forward(a->yg + (size_t)r0 * d, x.swi + (size_t)r0 * f,
+                       ffn_w_of(a->p.w_down, z, l, z->f0 + e), n, f, d);
+  }
+  ep_reorder(x.ep_cnt, G, El, d, a->rbuf, a->yg, 0);
+  MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, a->xg, sc, sd, MPI_FLOAT, m->ep_comm);
+  /* Combine, as moe_forward: the outputs are now in this rank's dispatch order. */
+  const float *y = a->xg;
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+  for (int t = 0; t < N; t++) {
+    float *ot = out + (size_t)t * d;
+    for (int c = 0; c < d; c++) ot[c] = 0.0f;
+    for (int r = 0; r < k; r++) {
+      const int row = x.ffn_row[(size_t)t * k + r];
+      if (row < 0) continue;
+      const float w = x.ffn_w[(size_t)t * k + r];
+      const float *yr = y + (size_t)row * d;
+#pragma omp simd
+      for (int c = 0; c < d; c++) ot[c] += w * yr[c];
+    }
+  }
+}
+
+static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
+                            float grad_scale) {
+  bam_mix_acts *a = m->acts;
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, k = z->k, d = z->d, f = z->f, G = z->G, El = z->El, Ef = z->Ef;
+  const int w = d + 1;
+  const int32_t *off = x.disp_off;
+  const int n_rows = off[Ef];
+  int sc[G], sd[G], rc[G], rd[G], eoff[El + 1];
+  /* dy rows (with their gate in column d) to the owners, in dispatch order */
+  float *sbuf = a->sbuf;
+  const float *dres = a->dres;
+#pragma omp parallel for schedule(static) if ((long)n_rows * d >= PAR_MIN_WORK)
+  for (int r = 0; r < n_rows; r++) {
+    const int32_t slot = x.disp_slot[r];
+    memcpy(sbuf + (size_t)r * w, dres + (size_t)(slot / k) * d, (size_t)d * sizeof(float));
+    sbuf[(size_t)r * w + d] = x.ffn_w[slot];
+  }
+  const int nr = ep_plan(off, x.ep_cnt, G, El, w, sc, sd, rc, rd);
+  MPI_Alltoallv(sbuf, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm);
+  ep_reorder(x.ep_cnt, G, El, w, a->rbuf, a->ebuf, 1);
+  ep_offsets(x.ep_cnt, G, El, eoff);
+  float *A = a->yg, *wr = a->ep_w, *dswi = a->dswi, *eb = a->ebuf;
+#pragma omp parallel for schedule(static) if ((long)nr * d >= PAR_MIN_WORK)
+  for (int r = 0; r < nr; r++) {
+    memcpy(A + (size_t)r * d, eb + (size_t)r * w, (size_t)d * sizeof(float));
+    wr[r] = eb[(size_t)r * w + d];
+  }
+  /* As moe_backward, on the received rows of the own experts. */
+  memset(dswi, 0, (size_t)nr * f * sizeof(float));
+  for (int e = 0; e < El; e++) {
+    const int r0 = eoff[e], n = eoff[e + 1] - r0;
+    bam_matmul_backward(dswi + (size_t)r0 * f, NULL, A + (size_t)r0 * d, NULL,
+                        ffn_w_of(a->p.w_down, z, l, z->f0 + e), n, f, d);
+  }
+#pragma omp parallel for schedule(static) if ((long)nr * f >= PAR_MIN_WORK)
+  for (int r = 0; r < nr; r++) {
+    const float g = wr[r];
+    float *ds = dswi + (size_t)r * f, *ar = A + (size_t)r * d;
+    wr[r] = dot_f(ds, x.swi + (size_t)r * f, f); /* now the gate gradient */
+    for (int c = 0; c < f; c++) ds[c] *= g;
+    for (int c = 0; c < d; c++) ar[c] *= g;
+  }
+  for (int e = 0; e < El; e++) {
+    const int r0 = eoff[e], n = eoff[e + 1] - r0, ge = z->f0 + e;
+    bam_matmul_backward(NULL, ffn_w_of(a->g.w_down, z, l, ge), A + (size_t)r0 * d,
+                        x.swi + (size_t)r0 * f, ffn_w_of(a->p.w_down, z, l, ge), n, f, d);
+  }
+  memset(a->dgate, 0, (size_t)nr * f * sizeof(float));
+  memset(a->dup, 0, (size_t)nr * f * sizeof(float));
+  bam_swiglu_backward(a->dgate, a->dup, dswi, x.gate, x.up, (long)nr * f);
+  memset(A, 0, (size_t)nr * d * sizeof(float));
+  for (int e = 0; e < El; e++) {
+    const int r0 = eoff[e], n = eoff[e + 1] - r0, ge = z->f0 + e;
+    const float *xe = x.xr + (size_t)r0 * d;
+    float *dxe = A + (size_t)r0 * d;
+    bam_matmul_backward(dxe, ffn_w_of(a->g.w_gate, z, l, ge), a->dgate + (size_t)r0 * f, xe,
+                        ffn_w_of(a->p.w_gate, z, l, ge), n, d, f);
+    bam_matmul_backward(dxe, ffn_w_of(a->g.w_up, z, l, ge), a->dup + (size_t)r0 * f, xe,
+                        ffn_w_of(a->p.w_up, z, l, ge), n, d, f);
+  }
+  /* dX rows (gate gradient in column d) back to the tokens' ranks */
+#pragma omp parallel for schedule(static) if ((long)nr * d >= PAR_MIN_WORK)
+  for (int r = 0; r < nr; r++) {
+    memcpy(eb + (size_t)r * w, A + (size_t)r * d, (size_t)d * sizeof(float));
+    eb[(size_t)r * w + d] = wr[r];
+  }
+  ep_reorder(x.ep_cnt, G, El, w, a->rbuf, a->ebuf, 0);
+  MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, sbuf, sc, sd, MPI_FLOAT, m->ep_comm);
+  float *dw = a->dgate_w, *dh = a->dh;
+  memset(dw, 0, (size_t)N * k * sizeof(float)); /* dropped assignments: 0 */
+  for (int r = 0; r < n_rows; r++) dw[x.disp_slot[r]] = sbuf[(size_t)r * w + d];
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+  for (int t = 0; t < N; t++)
+    for (int r = 0; r < k; r++) {
+      const int row = x.ffn_row[(size_t)t * k + r];
+      if (row < 0) continue;
+      float *dt = dh + (size_t)t * d;
+      const float *src = sbuf + (size_t)row * w;
+#pragma omp simd
+      for (int c = 0; c < d; c++) dt[c] += src[c];
+    }
+  moe_router_backward(m, z, l, B, T, grad_scale);
+}
+
 /* ---- forward and backward of the whole model ---- */
 
 bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int32_t *targets,
@@ -832,7 +1184,7 @@ bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int3
     BAM_FAIL(BAM_ERR_ARG, "mixture forward: sequence length %d outside [1, seq_len = %d]", T,
              s->seq_len);
   if (!tokens) BAM_FAIL(BAM_ERR_ARG, "mixture forward: NULL tokens");
-  const dims z = dims_of(&m->shape, m->max_batch);
+  const dims z = dims_m(m);
   const int N = B * T, d = z.d, V = z.V;
   for (int i = 0; i < N; i++) {
     if (tokens[i] < 0 || tokens[i] >= V)
@@ -856,7 +1208,8 @@ bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int3
     attention_forward(m, &z, l, B, T); /* into x_next */
     aux += moe_route(m, &z, l, B, T);
     float *moe = a->dh; /* backward scratch, free during the forward pass */
-    moe_forward(m, &z, l, B, T, moe);
+    if (z.G > 1) moe_forward_ep(m, &z, l, B, T, moe);
+    else moe_forward(m, &z, l, B, T, moe);
     /* x' = x + a + MoE, in the dense model's order of evaluation */
     const long n = (long)N * d;
     float *xn = x.x_next;
@@ -902,7 +1255,7 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
              "mixture backward: the last forward had no targets, or its backward already ran "
              "(the logits buffer now holds gradients)");
   a->has_targets = 0;
-  const dims z = dims_of(&m->shape, m->max_batch);
+  const dims z = dims_m(m);
   const int B = m->last_B, T = m->last_T, N = B * T, d = z.d, V = z.V;
   const size_t nd = (size_t)N * d * sizeof(float);
 
@@ -920,7 +1273,8 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
     const layer_acts x = acts_of(m, &z, l);
     /* x' = x + a + MoE: dres (= dx') flows into both branches and on into dx. */
     memset(a->dh, 0, nd);
-    moe_backward(m, &z, l, B, T, grad_scale);
+    if (z.G > 1) moe_backward_ep(m, &z, l, B, T, grad_scale);
+    else moe_backward(m, &z, l, B, T, grad_scale);
     attention_backward(m, &z, l, B, T);
     bam_layernorm_backward(a->dres, layer_w_of(&a->g, &z, l).ln, a->dh, x.x,
                            layer_w_of(&a->p, &z, l).ln, x.mean, x.rstd, N, d);
@@ -932,7 +1286,7 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
 /* ---- routing statistics ---- */
 
 void bam_mixture_route_stats(const bam_mixture *m, bam_route_stats *out) {
-  const dims z = dims_of(&m->shape, m->max_batch);
+  const dims z = dims_m(m);
   const int N = m->last_B * m->last_T;
   for (int l = 0; l < z.L; l++) {
     const layer_acts x = acts_of(m, &z, l);
@@ -949,24 +1303,27 @@ void bam_mixture_route_stats(const bam_mixture *m, bam_route_stats *out) {
       out->ffn_entropy[l] = N > 0 ? h / N : 0.0;
     }
     if (!z.bam) continue; /* BTX has no attention router: its arrays are left alone */
+    /* with expert parallelism the attention arrays hold the group's rows: take our own */
+    const float *att_g = x.att_g + (size_t)z.gr * N * z.Ea * (z.Ga > 1),
+                *att_p = x.att_p + (size_t)z.gr * N * z.Ea * (z.Ga > 1);
     if (out->att_gate) {
       double *gm = out->att_gate + (size_t)l * z.Ea;
       for (int j = 0; j < z.Ea; j++) gm[j] = 0.0;
       for (int t = 0; t < N; t++)
-        for (int j = 0; j < z.Ea; j++) gm[j] += x.att_g[(size_t)t * z.Ea + j];
+        for (int j = 0; j < z.Ea; j++) gm[j] += att_g[(size_t)t * z.Ea + j];
       for (int j = 0; j < z.Ea; j++) gm[j] = N > 0 ? gm[j] / N : 0.0;
     }
     if (out->att_entropy) {
       double h = 0.0;
       for (size_t i = 0; i < (size_t)N * z.Ea; i++)
-        if (x.att_p[i] > 0.0f) h -= (double)x.att_p[i] * log((double)x.att_p[i]);
+        if (att_p[i] > 0.0f) h -= (double)att_p[i] * log((double)att_p[i]);
       out->att_entropy[l] = N > 0 ? h / N : 0.0;
     }
   }
 }
 
 uint64_t bam_mixture_route_hash(const bam_mixture *m) {
-  const dims z = dims_of(&m->shape, m->max_batch);
+  const dims z = dims_m(m);
   const size_t N = (size_t)m->last_B * (size_t)m->last_T;
   uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a over the decisions */
 #define MIX(v) h = (h ^ (uint64_t)(uint32_t)(v)) * 0x100000001b3ULL
@@ -976,7 +1333,8 @@ uint64_t bam_mixture_route_hash(const bam_mixture *m) {
       MIX(x.ffn_idx[i]);
       MIX(x.ffn_row[i] >= 0);
     }
-    for (size_t i = 0; i < N * z.ka; i++) MIX(x.att_idx[i]);
+    const int32_t *att_idx = x.att_idx + (size_t)z.gr * N * z.ka * (z.Ga > 1);
+    for (size_t i = 0; i < N * z.ka; i++) MIX(att_idx[i]);
   }
 #undef MIX
   return h;

@@ -34,6 +34,20 @@ bam_status bam_net_create(bam_net *n, const bam_config *cfg, int max_batch) {
   return BAM_OK;
 }
 
+bam_status bam_net_set_ep(bam_net *n, MPI_Comm ep_comm) {
+  int size = 1;
+  if (ep_comm != MPI_COMM_NULL) MPI_Comm_size(ep_comm, &size);
+  if (n->dense) {
+    if (size > 1)
+      BAM_FAIL(BAM_ERR_CONFIG, "expert parallelism (ep = %d) needs a mixture, not a dense model",
+               size);
+    return BAM_OK;
+  }
+  BAM_CHECK(bam_mixture_set_ep(n->mix, ep_comm));
+  views(n); /* the activation size changed */
+  return BAM_OK;
+}
+
 void bam_net_free(bam_net *n) {
   bam_model_free(&n->dense);
   bam_mixture_free(&n->mix);

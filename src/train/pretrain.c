@@ -58,6 +58,7 @@ typedef struct {
   MPI_Comm comm;
   int rank, world;
   bam_net net;             /* the dense model or a mixture */
+  MPI_Comm ep_comm;        /* expert-parallel group (mixture.ep > 1), else MPI_COMM_NULL */
   bam_tensor_info trained[BAM_MAX_TENSORS]; /* the tensors AdamW updates (frozen experts: not) */
   int n_trained;
   bam_exchange *x;
@@ -123,8 +124,11 @@ static bam_status run_eval(trainer *t, int final) {
   bam_eval_result r[BAM_MAX_DOMAINS];
   int n = 0;
   double t0 = bam_now();
+  /* Evaluation runs each rank's sequences on its own (the single-process mixture). */
+  if (t->ep_comm != MPI_COMM_NULL) BAM_CHECK(bam_net_set_ep(&t->net, MPI_COMM_NULL));
   BAM_CHECK(bam_evaluate(&t->net, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
                          final, t->tok_id, r, &n, t->comm));
+  if (t->ep_comm != MPI_COMM_NULL) BAM_CHECK(bam_net_set_ep(&t->net, t->ep_comm));
   bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
   bam_log("\n");
@@ -296,7 +300,7 @@ static void print_memory(const trainer *t, int local_batch) {
 
 bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
                         int *interrupted) {
-  trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1};
+  trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1, .ep_comm = MPI_COMM_NULL};
   MPI_Comm_rank(comm, &t.rank);
   MPI_Comm_size(comm, &t.world);
   *interrupted = 0;
@@ -306,6 +310,10 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
     BAM_FAIL(BAM_ERR_CONFIG, "train.batch_size (%d) must be divisible by the number of ranks (%d)",
              cfg->batch_size, t.world);
   const int local_batch = cfg->batch_size / t.world;
+  if (cfg->ep > 1 && t.world % cfg->ep)
+    BAM_FAIL(BAM_ERR_CONFIG,
+             "mixture.ep = %d must divide the number of ranks (%d): expert-parallel groups are "
+             "ep consecutive ranks", cfg->ep, t.world);
   snprintf(t.ckpt_dir, sizeof t.ckpt_dir, "%s/ckpt", cfg->out_dir);
   bam_status st = BAM_OK;
 
@@ -328,6 +336,15 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
   BAM_CHECK_GOTO(st, bam_net_create(&t.net, cfg, max_batch), done);
   bam_net_init(&t.net, (uint64_t)cfg->seed, cfg->init_std);
+  if (cfg->ep > 1) {
+    MPI_Comm_split(comm, t.rank / cfg->ep, t.rank, &t.ep_comm);
+    BAM_CHECK_GOTO(st, bam_net_set_ep(&t.net, t.ep_comm), done);
+    bam_log("expert parallelism: %d group%s of %d ranks; rank r of a group computes FFN "
+            "experts [r %d/%d, (r+1) %d/%d)%s; parameters replicated\n", t.world / cfg->ep,
+            t.world / cfg->ep > 1 ? "s" : "", cfg->ep, t.net.mix->shape.n_ffn_experts, cfg->ep,
+            t.net.mix->shape.n_ffn_experts, cfg->ep,
+            t.net.mix->shape.method != BAM_METHOD_BTX ? " and the matching attention experts" : "");
+  }
   for (int i = 0; i < t.net.n_tensors; i++)
     if (!(cfg->freeze_experts && bam_net_is_expert_tensor(&t.net, &t.net.tensors[i])))
       t.trained[t.n_trained++] = t.net.tensors[i];
@@ -436,6 +453,7 @@ done:
   bam_free(t.adam_v);
   bam_exchange_free(&t.x);
   bam_net_free(&t.net);
+  if (t.ep_comm != MPI_COMM_NULL) MPI_Comm_free(&t.ep_comm);
   bam_loader_free(&t.loader);
   return st;
 }

@@ -82,8 +82,8 @@ check "eval reports routing per domain and layer (shares and gates sum to 1)" $?
   grep -q "^int main" "$TMP/g.txt"
 check "generate samples from a mixture" $?
 "$BAM" train --mixture "$TMP/mix-bam/ckpt" "${S[@]}" --set mixture.ep=2 --out "$TMP/ep" >"$TMP/ep.log" 2>&1
-[[ $? != 0 ]] && grep -q "mixture.ep = 2" "$TMP/ep.log"
-check "ep > 1 is refused with a clear message until expert parallelism lands" $?
+[[ $? != 0 ]] && grep -q "mixture.ep = 2 must divide the number of ranks (1)" "$TMP/ep.log"
+check "ep = 2 on one rank is refused with a clear message (expert parallelism: test_expert_parallel.sh)" $?
 
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
