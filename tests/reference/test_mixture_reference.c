@@ -52,6 +52,7 @@
 
 #include "bam/mixture.h"
 #include "bam/optim.h"
+#include "reference_util.h"
 #include "test_util.h"
 
 #define TOL_LOGITS_ABS 1e-5
@@ -65,26 +66,6 @@
 #define TOL_SHARE 1e-12
 #define TOL_GATE_ABS 1e-5
 #define TOL_ENTROPY_REL 1e-5
-
-typedef struct {
-  double max_abs, max_ref, rel_norm, max_scaled; /* max_scaled: max |c-t| / (atol + rtol|t|) */
-} cmp_stats;
-
-static cmp_stats compare(const float *c, const double *t, size_t n, double atol, double rtol) {
-  cmp_stats s = {0, 0, 0, 0};
-  double dd = 0, tt = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = fabs((double)c[i] - t[i]);
-    if (!(d <= s.max_abs)) s.max_abs = d; /* NaN propagates */
-    if (fabs(t[i]) > s.max_ref) s.max_ref = fabs(t[i]);
-    double lim = atol + rtol * fabs(t[i]);
-    if (lim > 0 && !(d / lim <= s.max_scaled)) s.max_scaled = d / lim;
-    dd += d * d;
-    tt += t[i] * t[i];
-  }
-  s.rel_norm = tt > 0 ? sqrt(dd / tt) : sqrt(dd);
-  return s;
-}
 
 static cmp_stats compare_d(const double *c, const double *t, size_t n, double atol,
                            double rtol) {
@@ -104,17 +85,6 @@ static cmp_stats compare_d(const double *c, const double *t, size_t n, double at
 }
 
 /* ---- HDF5 helpers: each returns 0 on success and prints what went wrong otherwise ---- */
-static int h5_attr(hid_t f, const char *name, hid_t type, void *out) {
-  if (H5Aexists(f, name) <= 0) {
-    fprintf(stderr, "reference file has no attribute '%s'\n", name);
-    return -1;
-  }
-  hid_t a = H5Aopen(f, name, H5P_DEFAULT);
-  herr_t e = a < 0 ? -1 : H5Aread(a, type, out);
-  if (a >= 0) H5Aclose(a);
-  if (e < 0) fprintf(stderr, "cannot read attribute '%s'\n", name);
-  return e < 0 ? -1 : 0;
-}
 
 /* A variable- or fixed-length string attribute into buf (n bytes). */
 static int h5_attr_str(hid_t f, const char *name, char *buf, size_t n) {
@@ -196,8 +166,6 @@ static int h5_read(hid_t f, const char *name, hid_t type, void *out, size_t n, i
   return e < 0 ? -1 : 0;
 }
 
-static double *dalloc(size_t n) { return calloc(n ? n : 1, sizeof(double)); }
-
 static void print_header(const char *first) {
   printf("\n  %-18s %-12s %10s %10s %10s %10s\n", first, "shape", "max|ref|", "max|err|",
          "err/max", "rel-norm");
@@ -206,13 +174,6 @@ static void print_header(const char *first) {
 static void print_row(const char *what, const char *shape, cmp_stats s, int ok) {
   printf("  %-18s %-12s %10.3e %10.3e %10.3e %10.3e  %s\n", what, shape, s.max_ref, s.max_abs,
          s.max_ref > 0 ? s.max_abs / s.max_ref : s.max_abs, s.rel_norm, ok ? "ok" : "FAIL");
-}
-
-static void shape_str(char *buf, size_t n, const bam_tensor_info *ti) {
-  int k = 0;
-  buf[0] = 0;
-  for (int i = 0; i < ti->ndim && k >= 0 && (size_t)k < n; i++)
-    k += snprintf(buf + k, n - (size_t)k, "%s%lld", i ? "x" : "", (long long)ti->shape[i]);
 }
 
 static int no_decay(const char *name) {

@@ -32,6 +32,7 @@
 
 #include "bam/model.h"
 #include "bam/optim.h"
+#include "reference_util.h"
 #include "test_util.h"
 
 #define TOL_LOGITS_ABS 1e-5
@@ -42,38 +43,7 @@
 #define TOL_TRAIN_REL 1e-4
 #define TOL_PARAMS10_NORM 1e-3
 
-typedef struct {
-  double max_abs, max_ref, rel_norm, max_scaled; /* max_scaled: max |c-t| / (atol + rtol|t|) */
-} cmp_stats;
-
-static cmp_stats compare(const float *c, const double *t, size_t n, double atol, double rtol) {
-  cmp_stats s = {0, 0, 0, 0};
-  double dd = 0, tt = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = fabs((double)c[i] - t[i]);
-    if (!(d <= s.max_abs)) s.max_abs = d; /* NaN propagates */
-    if (fabs(t[i]) > s.max_ref) s.max_ref = fabs(t[i]);
-    double lim = atol + rtol * fabs(t[i]);
-    if (lim > 0 && !(d / lim <= s.max_scaled)) s.max_scaled = d / lim;
-    dd += d * d;
-    tt += t[i] * t[i];
-  }
-  s.rel_norm = tt > 0 ? sqrt(dd / tt) : sqrt(dd);
-  return s;
-}
-
 /* ---- HDF5 helpers: each returns 0 on success and prints what went wrong otherwise ---- */
-static int h5_attr(hid_t f, const char *name, hid_t type, void *out) {
-  if (H5Aexists(f, name) <= 0) {
-    fprintf(stderr, "reference file has no attribute '%s'\n", name);
-    return -1;
-  }
-  hid_t a = H5Aopen(f, name, H5P_DEFAULT);
-  herr_t e = a < 0 ? -1 : H5Aread(a, type, out);
-  if (a >= 0) H5Aclose(a);
-  if (e < 0) fprintf(stderr, "cannot read attribute '%s'\n", name);
-  return e < 0 ? -1 : 0;
-}
 
 /* Read dataset `name` (converted to `type`), checking it has exactly `n` elements; when
  * `shape` is given also check its rank and dimensions. */
@@ -114,18 +84,9 @@ static int h5_read(hid_t f, const char *name, hid_t type, void *out, size_t n, i
   return e < 0 ? -1 : 0;
 }
 
-static double *dalloc(size_t n) { return calloc(n ? n : 1, sizeof(double)); }
-
 static void print_row(const char *what, const char *shape, cmp_stats s, int ok) {
   printf("  %-16s %-12s %10.3e %10.3e %10.3e %10.3e  %s\n", what, shape, s.max_ref, s.max_abs,
          s.max_ref > 0 ? s.max_abs / s.max_ref : s.max_abs, s.rel_norm, ok ? "ok" : "FAIL");
-}
-
-static void shape_str(char *buf, size_t n, const bam_tensor_info *ti) {
-  int k = 0;
-  buf[0] = 0;
-  for (int i = 0; i < ti->ndim && k >= 0 && (size_t)k < n; i++)
-    k += snprintf(buf + k, n - (size_t)k, "%s%lld", i ? "x" : "", (long long)ti->shape[i]);
 }
 
 static void run_case(const char *python, const char *srcdir, const char *cname) {
