@@ -104,6 +104,7 @@ typedef struct {
    * its size and this rank's position. ep_size 1 is the single-process path. */
   MPI_Comm ep_comm;
   int ep_size, ep_rank;
+  double comm_seconds;  /* wall seconds spent in the expert-parallel MPI calls, cumulative */
 } bam_mixture;
 
 bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch);
@@ -129,6 +130,9 @@ float *bam_mixture_tensor(bam_mixture *m, const char *name, const bam_tensor_inf
  * the group's batch. ep must divide Ef and, for BAM, Ea. Reallocates the activations when
  * the group size changes; the communicator is borrowed (the caller frees it). */
 bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm);
+/* Cumulative wall seconds spent in the expert-parallel MPI calls (all-to-all dispatch,
+ * attention all-gather and reduce-scatter) since creation; 0 without expert parallelism. */
+double bam_mixture_comm_seconds(const bam_mixture *m);
 
 /* Forward as bam_model_forward; *loss is the mean token loss PLUS the auxiliary losses
  * (the quantity that is differentiated); m->last_loss holds the token loss alone and

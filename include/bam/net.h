@@ -36,6 +36,8 @@ float bam_net_token_loss(const bam_net *n);       /* mean token loss of the last
 const float *bam_net_token_losses(const bam_net *n);
 float *bam_net_logits(bam_net *n);
 double bam_net_flops_per_token(const bam_net *n, int T);
+/* Cumulative seconds in a mixture's expert-parallel MPI calls (0 for the dense model). */
+double bam_net_comm_seconds(const bam_net *n);
 /* Expert tensors: a mixture's expert-major tensors (4-D: expert, layer, rows, cols). */
 int bam_net_is_expert_tensor(const bam_net *n, const bam_tensor_info *t);
 

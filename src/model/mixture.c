@@ -328,6 +328,7 @@ bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape,
   m->ep_comm = MPI_COMM_NULL;
   m->ep_size = 1;
   m->ep_rank = 0;
+  m->comm_seconds = 0.0;
   const dims z = dims_of(shape, max_batch, 1, 0);
   const size_t act_bytes = act_layout(m->acts, &z, (size_t)max_batch, NULL);
   char what[128];
@@ -345,6 +346,8 @@ fail:
   bam_mixture_free(&m);
   return st;
 }
+
+double bam_mixture_comm_seconds(const bam_mixture *m) { return m->comm_seconds; }
 
 bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm) {
   if (!m) BAM_FAIL(BAM_ERR_ARG, "bam_mixture_set_ep: NULL mixture");
@@ -550,12 +553,21 @@ static float dot_f(const float *x, const float *y, int n) {
 
 /* ---- expert-parallel exchanges (G > 1) ---- */
 
+/* Runs one MPI call of the exchanges and adds its wall time to m->comm_seconds (timing only;
+ * m may be const-qualified in the caller but never points to a const object). */
+#define EP_TIMED(m, call)                                        \
+  do {                                                           \
+    const double ep_t0_ = MPI_Wtime();                           \
+    call;                                                        \
+    ((bam_mixture *)(m))->comm_seconds += MPI_Wtime() - ep_t0_;  \
+  } while (0)
+
 /* Rank order reduce-scatter of a (G n) buffer over the group: every rank sends block r of
  * part to rank r; returns recv[0, n) = ((s_0 + s_1) + s_2) + ... of this rank's block
  * (recv: G n floats). Bitwise independent of timing. */
 static float *ep_reduce_scatter(const float *part, float *recv, size_t n, const bam_mixture *m) {
   const int G = m->ep_size;
-  MPI_Alltoall(part, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoall(part, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, m->ep_comm));
   for (int s = 1; s < G; s++) {
     const float *src = recv + (size_t)s * n;
 #pragma omp parallel for schedule(static) if ((long)n >= PAR_MIN_WORK)
@@ -575,7 +587,7 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
   const int NA = z->Ga * N, BA = z->Ga * B;
   const float *cs = m->rope_cos, *sn = m->rope_sin;
   if (z->Ga > 1)
-    MPI_Allgather(x.h, N * d, MPI_FLOAT, x.hA, N * d, MPI_FLOAT, m->ep_comm);
+    EP_TIMED(m, MPI_Allgather(x.h, N * d, MPI_FLOAT, x.hA, N * d, MPI_FLOAT, m->ep_comm));
   const float *hA = x.hA;
   float *yA = z->Ga > 1 ? a->ep_a : x.x_next; /* this rank's (partial) branch output */
 
@@ -663,7 +675,7 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
   const float *hA = x.hA;
   float *dhA = a->dh;
   if (z->Ga > 1) {
-    MPI_Allgather(a->dres, N * d, MPI_FLOAT, a->ep_a, N * d, MPI_FLOAT, m->ep_comm);
+    EP_TIMED(m, MPI_Allgather(a->dres, N * d, MPI_FLOAT, a->ep_a, N * d, MPI_FLOAT, m->ep_comm));
     dy = a->ep_a;
     dhA = a->ep_b;
     memset(dhA, 0, nd);
@@ -1049,10 +1061,10 @@ static void moe_forward_ep(bam_mixture *m, const dims *z, int l, int B, int T, f
   int sc[G], sd[G], rc[G], rd[G], eoff[El + 1];
   int32_t send_cnt[Ef];
   for (int e = 0; e < Ef; e++) send_cnt[e] = off[e + 1] - off[e];
-  MPI_Alltoall(send_cnt, El, MPI_INT32_T, x.ep_cnt, El, MPI_INT32_T, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoall(send_cnt, El, MPI_INT32_T, x.ep_cnt, El, MPI_INT32_T, m->ep_comm));
   gather_rows(a->xg, x.h, x.disp_slot, n_rows, k, d);
   const int nr = ep_plan(off, x.ep_cnt, G, El, d, sc, sd, rc, rd);
-  MPI_Alltoallv(a->xg, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoallv(a->xg, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm));
   ep_reorder(x.ep_cnt, G, El, d, a->rbuf, x.xr, 1);
   ep_offsets(x.ep_cnt, G, El, eoff);
   for (int e = 0; e < El; e++) {
@@ -1068,7 +1080,7 @@ static void moe_forward_ep(bam_mixture *m, const dims *z, int l, int B, int T, f
                        ffn_w_of(a->p.w_down, z, l, z->f0 + e), n, f, d);
   }
   ep_reorder(x.ep_cnt, G, El, d, a->rbuf, a->yg, 0);
-  MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, a->xg, sc, sd, MPI_FLOAT, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, a->xg, sc, sd, MPI_FLOAT, m->ep_comm));
   /* Combine, as moe_forward: the outputs are now in this rank's dispatch order. */
   const float *y = a->xg;
 #pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
@@ -1105,7 +1117,7 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
     sbuf[(size_t)r * w + d] = x.ffn_w[slot];
   }
   const int nr = ep_plan(off, x.ep_cnt, G, El, w, sc, sd, rc, rd);
-  MPI_Alltoallv(sbuf, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoallv(sbuf, sc, sd, MPI_FLOAT, a->rbuf, rc, rd, MPI_FLOAT, m->ep_comm));
   ep_reorder(x.ep_cnt, G, El, w, a->rbuf, a->ebuf, 1);
   ep_offsets(x.ep_cnt, G, El, eoff);
   float *A = a->yg, *wr = a->ep_w, *dswi = a->dswi, *eb = a->ebuf;
@@ -1154,7 +1166,7 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
     eb[(size_t)r * w + d] = wr[r];
   }
   ep_reorder(x.ep_cnt, G, El, w, a->rbuf, a->ebuf, 0);
-  MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, sbuf, sc, sd, MPI_FLOAT, m->ep_comm);
+  EP_TIMED(m, MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, sbuf, sc, sd, MPI_FLOAT, m->ep_comm));
   float *dw = a->dgate_w, *dh = a->dh;
   memset(dw, 0, (size_t)N * k * sizeof(float)); /* dropped assignments: 0 */
   for (int r = 0; r < n_rows; r++) dw[x.disp_slot[r]] = sbuf[(size_t)r * w + d];

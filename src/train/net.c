@@ -89,6 +89,10 @@ double bam_net_flops_per_token(const bam_net *n, int T) {
                   : bam_mixture_flops_per_token(&n->mix->shape, T);
 }
 
+double bam_net_comm_seconds(const bam_net *n) {
+  return n->mix ? bam_mixture_comm_seconds(n->mix) : 0.0;
+}
+
 int bam_net_is_expert_tensor(const bam_net *n, const bam_tensor_info *t) {
   return n->mix != NULL && t->ndim == 4;
 }

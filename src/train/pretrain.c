@@ -8,6 +8,7 @@
  * all-gathered. Same rank count: bitwise-identical runs. Other rank counts: the same sums in
  * another order (float rounding). */
 #include <errno.h>
+#include <stdio.h>
 #include <math.h>
 #include <omp.h>
 #include <signal.h>
@@ -298,6 +299,62 @@ static void print_memory(const trainer *t, int local_batch) {
           "(batch %d x %d)\n", a, b, c, t->world, d, local_batch, t->net.seq_len);
 }
 
+static int cmp_double(const void *a, const void *b) {
+  const double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+/* Median of v[skip..n) (all of v when fewer than skip + 1 values); sorts that part. */
+static double median_after(double *v, int n, int skip) {
+  if (n <= 0) return 0;
+  if (n <= skip) skip = 0;
+  v += skip, n -= skip;
+  qsort(v, (size_t)n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Peak resident memory of this process in MiB (VmHWM of /proc/self/status; 0 if unknown). */
+static double peak_rss_mib(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  double kb = 0;
+  while (fgets(line, sizeof line, f))
+    if (strncmp(line, "VmHWM:", 6) == 0) {
+      kb = strtod(line + 6, NULL);
+      break;
+    }
+  fclose(f);
+  return kb / 1024.0;
+}
+
+/* After the final evaluation (collective over t->comm): logs the peak resident memory per
+ * rank (maximum over ranks) and rank 0 writes <out_dir>/summary.json with the medians over
+ * the logged steps after the first two (warm-up) of tokens/s and communication share. */
+static bam_status write_summary(const trainer *t, double *tps, double *comm_share, int n_logged,
+                                double flops_per_token) {
+  double rss = peak_rss_mib();
+  if (t->world > 1) MPI_Allreduce(MPI_IN_PLACE, &rss, 1, MPI_DOUBLE, MPI_MAX, t->comm);
+  const double med_tps = median_after(tps, n_logged, 2);
+  const double med_comm = median_after(comm_share, n_logged, 2);
+  const double gflops = 3.0 * flops_per_token * med_tps / 1e9;
+  bam_log("peak resident memory per rank: %.0f MiB (maximum over %d rank%s)\n", rss, t->world,
+          t->world > 1 ? "s" : "");
+  if (t->rank != 0) return BAM_OK;
+  char path[BAM_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/summary.json", t->cfg->out_dir);
+  FILE *f = fopen(path, "w");
+  if (!f) BAM_FAIL(BAM_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+  fprintf(f,
+          "{\"kind\": \"%s\", \"ranks\": %d, \"threads\": %d, \"ep\": %d, \"steps_logged\": %d, "
+          "\"tokens_per_s\": %.1f, \"comm_share\": %.4f, \"model_gflops\": %.2f, "
+          "\"peak_rss_mib\": %.1f}\n",
+          t->net.kind, t->world, omp_threads(), t->cfg->ep > 1 ? t->cfg->ep : 1, n_logged, med_tps,
+          med_comm, gflops, rss);
+  if (fclose(f) != 0) BAM_FAIL(BAM_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+  return BAM_OK;
+}
+
 bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
                         int *interrupted) {
   trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1, .ep_comm = MPI_COMM_NULL};
@@ -333,6 +390,8 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   BAM_CHECK(bam_loader_create(&t.loader, cfg->data_dir, &mix, "train", T, cfg->batch_size, t.rank,
                               t.world, (uint64_t)cfg->seed, shape.vocab_size));
   int32_t *x = NULL, *y = NULL;
+  double *log_tps = NULL, *log_comm = NULL; /* per logged step, for summary.json */
+  int n_logged = 0;
   const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
   BAM_CHECK_GOTO(st, bam_net_create(&t.net, cfg, max_batch), done);
   bam_net_init(&t.net, (uint64_t)cfg->seed, cfg->init_std);
@@ -357,6 +416,8 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_v, (t.hi - t.lo + 1) * sizeof(float), "AdamW v"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&x, sizeof(int32_t) * local_batch * T, "inputs"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&y, sizeof(int32_t) * local_batch * T, "targets"), done);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&log_tps, sizeof(double) * (cfg->steps + 1), "step log"), done);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&log_comm, sizeof(double) * (cfg->steps + 1), "step log"), done);
   print_memory(&t, local_batch);
   if (t.rank == 0) st = make_dirs(cfg->out_dir);
   MPI_Bcast(&st, 1, MPI_INT, 0, comm);
@@ -390,9 +451,10 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   while (t.step < last) {
     const float lr = bam_lr_at(t.step, cfg->warmup_steps, cfg->steps, cfg->lr, cfg->min_lr_ratio);
     double loss = 0, aux = 0, norm = 0;
-    const double comm_before = bam_exchange_seconds(t.x);
+    /* communication: the gradient exchange and a mixture's expert-parallel exchanges */
+    const double comm_before = bam_exchange_seconds(t.x) + bam_net_comm_seconds(&t.net);
     BAM_CHECK_GOTO(st, train_step(&t, x, y, local_batch, &loss, &aux, &norm, lr), done_signals);
-    comm_window += bam_exchange_seconds(t.x) - comm_before;
+    comm_window += bam_exchange_seconds(t.x) + bam_net_comm_seconds(&t.net) - comm_before;
     t.step++;
     t.tokens_seen += tokens_per_step;
     window_steps++;
@@ -407,6 +469,10 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
               " | eta %s\n", t.step, cfg->steps, loss, aux_text, lr, norm, tps,
               flops_per_step / dt / 1e9, eta);
       if (t.world > 1) bam_log("           communication %.1f%% of step time\n", 100 * comm_share);
+      if (n_logged <= cfg->steps) {
+        log_tps[n_logged] = tps;
+        log_comm[n_logged++] = comm_share;
+      }
       if (t.metrics) {
         fprintf(t.metrics, "%d,%lld,%.17g,%.9g,%.9g,%.1f,%.4f,%.9g\n", t.step,
                 (long long)t.tokens_seen, loss, lr, norm, tps, comm_share, aux);
@@ -431,6 +497,8 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
     goto done_signals;
   }
   BAM_CHECK_GOTO(st, run_eval(&t, 1), done_signals);
+  BAM_CHECK_GOTO(st, write_summary(&t, log_tps, log_comm, n_logged, bam_net_flops_per_token(&t.net, T)),
+                 done_signals);
   if (t.rank == 0) {
     char latest[BAM_PATH_MAX + 64], final_path[BAM_PATH_MAX + 32];
     int found = 0;
@@ -449,6 +517,8 @@ done:
   if (t.evals) fclose(t.evals);
   bam_free(x);
   bam_free(y);
+  bam_free(log_tps);
+  bam_free(log_comm);
   bam_free(t.adam_m);
   bam_free(t.adam_v);
   bam_exchange_free(&t.x);
