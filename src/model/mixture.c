@@ -851,6 +851,25 @@ static double moe_route(bam_mixture *m, const dims *z, int l, int B, int T) {
   return (double)s->lb_coef * lb + (double)s->z_coef * zl;
 }
 
+/* out(N, d) = sum over each token's kept assignments r of w[t,r] * y[row[t,r]], in the
+ * assignment order (row < 0: dropped); one writer per row, so the sum order is fixed. */
+static void moe_combine(float *out, const float *y, const int32_t *rows, const float *w, int N,
+                        int k, int d) {
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+  for (int t = 0; t < N; t++) {
+    float *ot = out + (size_t)t * d;
+    for (int c = 0; c < d; c++) ot[c] = 0.0f;
+    for (int r = 0; r < k; r++) {
+      const int row = rows[(size_t)t * k + r];
+      if (row < 0) continue;
+      const float wt = w[(size_t)t * k + r];
+      const float *yr = y + (size_t)row * d;
+#pragma omp simd
+      for (int c = 0; c < d; c++) ot[c] += wt * yr[c];
+    }
+  }
+}
+
 /* The MoE output (N, d) of layer l into out, from the dispatch moe_route recorded. */
 static void moe_forward(bam_mixture *m, const dims *z, int l, int B, int T, float *out) {
   bam_mix_acts *a = m->acts;
@@ -870,20 +889,7 @@ static void moe_forward(bam_mixture *m, const dims *z, int l, int B, int T, floa
                        ffn_w_of(a->p.w_down, z, l, e), n, f, d);
   }
   /* Combine: each token sums its kept assignments in rank order; one writer per row. */
-  const float *y = a->yg;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-  for (int t = 0; t < N; t++) {
-    float *ot = out + (size_t)t * d;
-    for (int c = 0; c < d; c++) ot[c] = 0.0f;
-    for (int r = 0; r < k; r++) {
-      const int row = x.ffn_row[(size_t)t * k + r];
-      if (row < 0) continue;
-      const float w = x.ffn_w[(size_t)t * k + r];
-      const float *yr = y + (size_t)row * d;
-#pragma omp simd
-      for (int c = 0; c < d; c++) ot[c] += w * yr[c];
-    }
-  }
+  moe_combine(out, a->yg, x.ffn_row, x.ffn_w, N, k, d);
 }
 
 static void moe_router_backward(bam_mixture *m, const dims *z, int l, int B, int T,
@@ -1082,20 +1088,7 @@ static void moe_forward_ep(bam_mixture *m, const dims *z, int l, int B, int T, f
   ep_reorder(x.ep_cnt, G, El, d, a->rbuf, a->yg, 0);
   EP_TIMED(m, MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, a->xg, sc, sd, MPI_FLOAT, m->ep_comm));
   /* Combine, as moe_forward: the outputs are now in this rank's dispatch order. */
-  const float *y = a->xg;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-  for (int t = 0; t < N; t++) {
-    float *ot = out + (size_t)t * d;
-    for (int c = 0; c < d; c++) ot[c] = 0.0f;
-    for (int r = 0; r < k; r++) {
-      const int row = x.ffn_row[(size_t)t * k + r];
-      if (row < 0) continue;
-      const float w = x.ffn_w[(size_t)t * k + r];
-      const float *yr = y + (size_t)row * d;
-#pragma omp simd
-      for (int c = 0; c < d; c++) ot[c] += w * yr[c];
-    }
-  }
+  moe_combine(out, a->xg, x.ffn_row, x.ffn_w, N, k, d);
 }
 
 static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
