@@ -90,9 +90,14 @@ typedef struct {
   float temperature; /* 0: greedy */
   int top_k;         /* 0: whole vocabulary */
   uint64_t seed;
+  int no_cache;      /* 1: recompute the whole window for every token (no KV cache) */
+  int timing;        /* 1: print prefill time and generation tokens/s to stderr */
 } bam_sample_opts;
 
-/* Continue prompt_ids; writes the decoded continuation to `out` as it is produced. */
+/* Continue prompt_ids; writes the decoded continuation to `out` as it is produced. With the
+ * KV cache (decode.h) the prompt is prefilled once and each new token is one step; the
+ * context is the window of the last seq_len tokens either way, so past seq_len every token
+ * re-encodes its window, as without the cache. */
 bam_status bam_generate(bam_net *net, const bam_tokenizer *tok, const int32_t *prompt_ids,
                         int n_prompt, const bam_sample_opts *opts, FILE *out);
 

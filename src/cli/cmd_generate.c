@@ -18,6 +18,8 @@ bam_status cmd_generate(cli_args *a, MPI_Comm comm) {
     else if (!strcmp(opt, "--temperature")) BAM_CHECK(cli_float(a, 0, 100, &o.temperature));
     else if (!strcmp(opt, "--top-k")) BAM_CHECK(cli_int(a, 0, 1 << 20, &o.top_k));
     else if (!strcmp(opt, "--seed")) BAM_CHECK(cli_int(a, 0, 1 << 30, &seed));
+    else if (!strcmp(opt, "--no-cache")) o.no_cache = 1, a->i++; /* full recompute per token */
+    else if (!strcmp(opt, "--timing")) o.timing = 1, a->i++;     /* prefill ms, tokens/s */
     else BAM_FAIL(BAM_ERR_ARG, "generate: unknown option '%s' (see bam help)", opt);
   }
   if (!ckpt) BAM_FAIL(BAM_ERR_ARG, "generate: --checkpoint FILE is required");
