@@ -85,6 +85,9 @@ typedef struct {
                           with att_top_k, the kept entries only) (BAM) */
   double *ffn_entropy; /* (L): mean entropy of p (nats) */
   double *att_entropy; /* (L): mean entropy of softmax(h Wa^T) (nats, BAM) */
+  int rows;            /* 0: every token of the last forward; n > 0: its first n tokens only
+                          (the rest padding, as in a lock-step evaluation under expert
+                          parallelism) */
 } bam_route_stats;
 
 typedef struct {
@@ -104,6 +107,19 @@ typedef struct {
    * its size and this rank's position. ep_size 1 is the single-process path. */
   MPI_Comm ep_comm;
   int ep_size, ep_rank;
+  /* Expert sharding (bam_mixture_create_sharded): 1 when this rank holds only its own
+   * experts. `tensors` and n_params then describe THIS rank's buffer: the replicated
+   * tensors first, [0, n_replicated), then its block of each expert tensor (shape[0] = the
+   * experts it owns); global_tensors / n_params_global are the layout of the whole mixture
+   * (bam_mixture_tensors: checkpoints), global_offset[i] the global element of tensors[i]'s
+   * first element and expert0[i] the global index of its first expert (0 if replicated).
+   * Unsharded: the two tables are equal, n_replicated = n_params, global_offset = offset. */
+  int sharded;
+  size_t n_replicated, n_params_global;
+  int n_global_tensors;
+  bam_tensor_info global_tensors[BAM_MAX_TENSORS];
+  size_t global_offset[BAM_MAX_TENSORS];
+  int expert0[BAM_MAX_TENSORS];
   double comm_seconds;  /* wall seconds spent in the expert-parallel MPI calls, cumulative */
 } bam_mixture;
 
@@ -130,6 +146,24 @@ float *bam_mixture_tensor(bam_mixture *m, const char *name, const bam_tensor_inf
  * the group's batch. ep must divide Ef and, for BAM, Ea. Reallocates the activations when
  * the group size changes; the communicator is borrowed (the caller frees it). */
 bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm);
+/* A mixture that holds only this rank's experts (docs/design-expert-parallel.md): rank r of
+ * an ep_comm group of G ranks allocates the replicated tensors and FFN experts
+ * [r Ef/G, (r+1) Ef/G) (for BAM also attention experts [r Ea/G, (r+1) Ea/G), with their K/V
+ * when each expert has its own), parameters and gradients alike, and is bound to that group
+ * for life (bam_mixture_set_ep refuses another one). Forward and backward are those of
+ * bam_mixture_set_ep on a full mixture, bitwise: the gradient buffer holds this rank's
+ * experts' gradients over the group's tokens plus the replicated tensors' gradients of its own
+ * tokens. bam_mixture_init gives its blocks exactly the values the full mixture's blocks get.
+ * A group of one rank (or MPI_COMM_NULL) gives the ordinary full mixture. */
+bam_status bam_mixture_create_sharded(bam_mixture **out, const bam_mixture_shape *shape,
+                                      int max_batch, MPI_Comm ep_comm);
+/* This rank's layout for rank r of a group of G (the replicated tensors, then the expert
+ * blocks; see bam_mixture.sharded): fills out, global_offset and expert0 (BAM_MAX_TENSORS
+ * entries each), returns the count; *total the floats, *replicated those of the replicated
+ * part. G = 1 gives bam_mixture_tensors' table. G must divide the expert counts. */
+int bam_mixture_tensors_sharded(const bam_mixture_shape *s, int G, int r, bam_tensor_info *out,
+                                size_t *global_offset, int *expert0, size_t *total,
+                                size_t *replicated);
 /* Cumulative wall seconds spent in the expert-parallel MPI calls (all-to-all dispatch,
  * attention all-gather and reduce-scatter) since creation; 0 without expert parallelism. */
 double bam_mixture_comm_seconds(const bam_mixture *m);

@@ -19,9 +19,21 @@ typedef struct {
   int n_tensors;
   int max_batch, seq_len, vocab_size;
   size_t act_bytes;
+  /* The buffers are this rank's part of the global layout (global_tensors, n_params_global:
+   * what checkpoints hold): tensors[i] is global elements [global_offset[i], + numel).
+   * [0, n_replicated) is the same on every rank; [n_replicated, n_params) holds this rank's
+   * expert blocks (an expert-sharded mixture, bam_net_create_ep), else it is empty and the
+   * two layouts are one. */
+  const bam_tensor_info *global_tensors;
+  int n_global_tensors;
+  size_t n_params_global, n_replicated;
+  size_t global_offset[BAM_MAX_TENSORS];
 } bam_net;
 
 bam_status bam_net_create(bam_net *n, const bam_config *cfg, int max_batch);
+/* As bam_net_create; a mixture with an ep_comm of more than one rank holds only this rank's
+ * experts (bam_mixture_create_sharded) and is bound to that group. */
+bam_status bam_net_create_ep(bam_net *n, const bam_config *cfg, int max_batch, MPI_Comm ep_comm);
 void bam_net_free(bam_net *n);
 void bam_net_init(bam_net *n, uint64_t seed, float std);
 /* Expert parallelism over ep_comm (bam_mixture_set_ep); MPI_COMM_NULL: none. A dense model

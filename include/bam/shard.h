@@ -75,6 +75,25 @@ bam_status bam_ckpt_save_sharded(const char *ckpt_dir, const bam_ckpt_info *info
                                  const float *v_own, int keep, MPI_Comm comm, char *out_path,
                                  size_t out_cap);
 
+/* A state held in pieces (an expert-sharded mixture: each rank holds the replicated tensors
+ * and its own experts, and the optimizer state of slices of both): piece i of a rank is
+ * global elements [global, global + n) of the layout, found at params[local ...] and, for
+ * the moments, m[state ...], v[state ...]. */
+typedef struct {
+  size_t global, local, state, n;
+} bam_ckpt_piece;
+/* As bam_ckpt_save_sharded, collective over comm, for pieces: the pieces of all ranks must
+ * tile [0, n_params) (checked: a gap or an overlap is an error on every rank). When every
+ * rank's pieces form one range (the data-parallel trainer), they are written as they are;
+ * otherwise they are first moved (MPI_Alltoallv) to the ranges of bam_partition, so the
+ * checkpoint is the one P ranks of a dense run would write, readable with any layout. Costs
+ * a temporary copy of the rank's partition range of each buffer. */
+bam_status bam_ckpt_save_pieces(const char *ckpt_dir, const bam_ckpt_info *info,
+                                const bam_tensor_info *tensors, int n_tensors, size_t n_params,
+                                const bam_ckpt_piece *pieces, int n_pieces, const float *params,
+                                const float *m, const float *v, int keep, MPI_Comm comm,
+                                char *out_path, size_t out_cap);
+
 typedef struct bam_ckpt bam_ckpt;
 /* Open a checkpoint for reading (not collective; each rank opens its own handle). path may
  * be a step folder, a checkpoint folder holding `latest` (it is followed), or a single-file

@@ -86,6 +86,9 @@ typedef struct {
   int kv0, nKVl; /* own K/V sets [kv0, kv0 + nKVl) */
   int f0, El; /* own FFN experts [f0, f0 + El) */
   size_t RA, PTA; /* attention-expert rows and probabilities: Ga R, Ga PT */
+  /* First expert STORED in the parameter buffers: a0, kv0, f0 when the mixture holds only
+   * its own experts (bam_mixture_create_sharded), else 0 (every expert stored). */
+  int pa0, pkv0, pf0;
   size_t GRk; /* dispatch rows an expert owner may receive: G R k */
 } dims;
 
@@ -157,7 +160,7 @@ struct bam_mix_acts {
 
 /* ---- sizes, views, allocation ---- */
 
-static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr) {
+static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr, int sharded) {
   const bam_model_shape *b = &s->base;
   dims z;
   z.L = b->n_layers;
@@ -189,11 +192,14 @@ static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr) {
   z.RA = (size_t)z.Ga * z.R;
   z.PTA = (size_t)z.Ga * z.PT;
   z.GRk = (size_t)G * z.R * (size_t)z.k;
+  z.pa0 = sharded && z.bam ? z.a0 : 0;
+  z.pkv0 = sharded && z.nKV > 1 ? z.kv0 : 0;
+  z.pf0 = sharded ? z.f0 : 0;
   return z;
 }
 
 static dims dims_m(const bam_mixture *m) {
-  return dims_of(&m->shape, m->max_batch, m->ep_size, m->ep_rank);
+  return dims_of(&m->shape, m->max_batch, m->ep_size, m->ep_rank, m->sharded);
 }
 
 static void params_view(mix_params *p, const bam_mixture *m, float *base) {
@@ -289,7 +295,9 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   return off;
 }
 
-bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch) {
+/* G > 1: only the experts of rank gr of a group of G (bam_mixture_create_sharded). */
+static bam_status create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch, int G,
+                         int gr) {
   if (!out) BAM_FAIL(BAM_ERR_ARG, "bam_mixture_create: NULL output pointer");
   *out = NULL;
   BAM_CHECK(bam_mixture_shape_check(shape));
@@ -308,7 +316,10 @@ bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape,
   BAM_CHECK(bam_alloc_checked((void **)&m, sizeof *m, "the mixture struct"));
   m->shape = *shape;
   m->max_batch = max_batch;
-  m->n_tensors = bam_mixture_tensors(shape, m->tensors, &m->n_params);
+  m->n_global_tensors = bam_mixture_tensors(shape, m->global_tensors, &m->n_params_global);
+  m->n_tensors = bam_mixture_tensors_sharded(shape, G, gr, m->tensors, m->global_offset,
+                                             m->expert0, &m->n_params, &m->n_replicated);
+  m->sharded = G > 1;
 
   const size_t param_bytes = m->n_params * sizeof(float);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&m->params_mem, param_bytes, "parameters"), fail);
@@ -329,7 +340,7 @@ bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape,
   m->ep_size = 1;
   m->ep_rank = 0;
   m->comm_seconds = 0.0;
-  const dims z = dims_of(shape, max_batch, 1, 0);
+  const dims z = dims_of(shape, max_batch, 1, 0, 0);
   const size_t act_bytes = act_layout(m->acts, &z, (size_t)max_batch, NULL);
   char what[128];
   snprintf(what, sizeof what, "mixture activations (batch %d x seq_len %d, %s)", max_batch,
@@ -347,6 +358,37 @@ fail:
   return st;
 }
 
+static bam_status check_ep(const bam_mixture_shape *s, int G) {
+  if (G > 1 && s->n_ffn_experts % G)
+    BAM_FAIL(BAM_ERR_CONFIG,
+             "expert parallelism: ep = %d does not divide the %d FFN experts of the mixture", G,
+             s->n_ffn_experts);
+  if (G > 1 && s->method != BAM_METHOD_BTX && s->n_att_experts % G)
+    BAM_FAIL(BAM_ERR_CONFIG,
+             "expert parallelism: ep = %d does not divide the %d attention experts of the %s "
+             "mixture", G, s->n_att_experts, bam_method_name(s->method));
+  return BAM_OK;
+}
+
+bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch) {
+  return create(out, shape, max_batch, 1, 0);
+}
+
+bam_status bam_mixture_create_sharded(bam_mixture **out, const bam_mixture_shape *shape,
+                                      int max_batch, MPI_Comm ep_comm) {
+  int G = 1, gr = 0;
+  if (ep_comm != MPI_COMM_NULL) {
+    MPI_Comm_size(ep_comm, &G);
+    MPI_Comm_rank(ep_comm, &gr);
+  }
+  BAM_CHECK(bam_mixture_shape_check(shape));
+  BAM_CHECK(check_ep(shape, G));
+  BAM_CHECK(create(out, shape, max_batch, G, gr));
+  bam_status st = bam_mixture_set_ep(*out, ep_comm);
+  if (st != BAM_OK) bam_mixture_free(out);
+  return st;
+}
+
 double bam_mixture_comm_seconds(const bam_mixture *m) { return m->comm_seconds; }
 
 bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm) {
@@ -357,16 +399,14 @@ bam_status bam_mixture_set_ep(bam_mixture *m, MPI_Comm ep_comm) {
     MPI_Comm_rank(ep_comm, &gr);
   }
   const bam_mixture_shape *s = &m->shape;
-  if (G > 1 && s->n_ffn_experts % G)
-    BAM_FAIL(BAM_ERR_CONFIG,
-             "expert parallelism: ep = %d does not divide the %d FFN experts of the mixture", G,
-             s->n_ffn_experts);
-  if (G > 1 && s->method != BAM_METHOD_BTX && s->n_att_experts % G)
-    BAM_FAIL(BAM_ERR_CONFIG,
-             "expert parallelism: ep = %d does not divide the %d attention experts of the %s "
-             "mixture", G, s->n_att_experts, bam_method_name(s->method));
+  BAM_CHECK(check_ep(s, G));
+  if (m->sharded && m->ep_comm != MPI_COMM_NULL && (G != m->ep_size || gr != m->ep_rank))
+    BAM_FAIL(BAM_ERR_ARG,
+             "this mixture holds only the experts of rank %d of an expert-parallel group of %d: "
+             "it cannot change to %s (create another one)", m->ep_rank, m->ep_size,
+             G > 1 ? "another group" : "the single-process path");
   if (G != m->ep_size) { /* the group-sized activations: measure, allocate, carve */
-    const dims z = dims_of(s, m->max_batch, G, gr);
+    const dims z = dims_of(s, m->max_batch, G, gr, m->sharded);
     const size_t bytes = act_layout(m->acts, &z, (size_t)m->max_batch, NULL);
     void *mem = NULL;
     char what[160];
@@ -420,21 +460,23 @@ static layer_w layer_w_of(const mix_params *p, const dims *z, int l) {
       .ffn_router = p->ffn_router + (size_t)l * z->Ef * z->d,
   };
 }
+/* j, jk and e are global expert indices; a sharded mixture stores its own experts only,
+ * from pa0, pkv0, pf0 on (dims). */
 static float *wq_of(const mix_params *p, const dims *z, int l, int j) {
-  return p->wq + ((size_t)j * z->L + l) * z->d * z->d;
+  return p->wq + ((size_t)(j - z->pa0) * z->L + l) * z->d * z->d;
 }
 static float *wo_of(const mix_params *p, const dims *z, int l, int j) {
-  return p->wo + ((size_t)j * z->L + l) * z->d * z->d;
+  return p->wo + ((size_t)(j - z->pa0) * z->L + l) * z->d * z->d;
 }
 static float *wk_of(const mix_params *p, const dims *z, int l, int jk) {
-  return p->wk + ((size_t)jk * z->L + l) * z->kvd * z->d;
+  return p->wk + ((size_t)(jk - z->pkv0) * z->L + l) * z->kvd * z->d;
 }
 static float *wv_of(const mix_params *p, const dims *z, int l, int jk) {
-  return p->wv + ((size_t)jk * z->L + l) * z->kvd * z->d;
+  return p->wv + ((size_t)(jk - z->pkv0) * z->L + l) * z->kvd * z->d;
 }
 /* w_gate, w_up (Ef, L, f, d) and w_down (Ef, L, d, f) all have f*d floats per block. */
 static float *ffn_w_of(float *t, const dims *z, int l, int e) {
-  return t + ((size_t)e * z->L + l) * z->f * z->d;
+  return t + ((size_t)(e - z->pf0) * z->L + l) * z->f * z->d;
 }
 
 /* Saved activations of layer l. */
@@ -1292,7 +1334,8 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
 
 void bam_mixture_route_stats(const bam_mixture *m, bam_route_stats *out) {
   const dims z = dims_m(m);
-  const int N = m->last_B * m->last_T;
+  const int N_all = m->last_B * m->last_T;
+  const int N = out->rows > 0 && out->rows < N_all ? out->rows : N_all;
   for (int l = 0; l < z.L; l++) {
     const layer_acts x = acts_of(m, &z, l);
     if (out->ffn_share) {
@@ -1309,8 +1352,8 @@ void bam_mixture_route_stats(const bam_mixture *m, bam_route_stats *out) {
     }
     if (!z.bam) continue; /* BTX has no attention router: its arrays are left alone */
     /* with expert parallelism the attention arrays hold the group's rows: take our own */
-    const float *att_g = x.att_g + (size_t)z.gr * N * z.Ea * (z.Ga > 1),
-                *att_p = x.att_p + (size_t)z.gr * N * z.Ea * (z.Ga > 1);
+    const float *att_g = x.att_g + (size_t)z.gr * N_all * z.Ea * (z.Ga > 1),
+                *att_p = x.att_p + (size_t)z.gr * N_all * z.Ea * (z.Ga > 1);
     if (out->att_gate) {
       double *gm = out->att_gate + (size_t)l * z.Ea;
       for (int j = 0; j < z.Ea; j++) gm[j] = 0.0;

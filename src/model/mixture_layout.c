@@ -136,6 +136,50 @@ int bam_mixture_tensors(const bam_mixture_shape *s, bam_tensor_info *out, size_t
   return n;
 }
 
+/* Expert tensors are the 4-d ones, expert-major: rank r's experts are one contiguous block.
+ * The replicated tensors come first so that the two parts of the buffer (summed over
+ * different ranks) are each one range. */
+int bam_mixture_tensors_sharded(const bam_mixture_shape *s, int G, int r, bam_tensor_info *out,
+                                size_t *global_offset, int *expert0, size_t *total,
+                                size_t *replicated) {
+  bam_tensor_info global[BAM_MAX_TENSORS];
+  const int n = bam_mixture_tensors(s, global, NULL);
+  if (G < 1) G = 1;
+  int k = 0;
+  size_t offset = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    for (int i = 0; i < n; i++) {
+      const bam_tensor_info *g = &global[i];
+      const int expert = g->ndim == 4;
+      if (expert != pass) continue;
+      bam_tensor_info *t = &out[k];
+      *t = *g;
+      size_t first = 0;
+      if (expert) {
+        const int64_t E = g->shape[0], El = E / G;
+        t->shape[0] = El;
+        t->numel = g->numel / (size_t)E * (size_t)El;
+        first = (size_t)r * (size_t)El;
+        expert0[k] = (int)first;
+        first *= g->numel / (size_t)E;
+      } else {
+        expert0[k] = 0;
+      }
+      global_offset[k] = g->offset + first;
+      t->offset = offset;
+      offset += t->numel;
+      k++;
+    }
+    if (pass == 0 && replicated) *replicated = offset;
+  }
+  if (G == 1) { /* the global table itself (its order) */
+    for (int i = 0; i < n; i++) out[i] = global[i], global_offset[i] = global[i].offset, expert0[i] = 0;
+    if (replicated) *replicated = offset;
+  }
+  if (total) *total = offset;
+  return n;
+}
+
 float *bam_mixture_tensor(bam_mixture *m, const char *name, const bam_tensor_info **info) {
   for (int i = 0; i < m->n_tensors; i++)
     if (!strcmp(m->tensors[i].name, name)) {
@@ -182,7 +226,9 @@ void bam_mixture_init(bam_mixture *m, uint64_t seed, float std) {
       rem -= ns;
     }
     const bam_tensor_info *t = &m->tensors[i];
-    const int expert = t->ndim == 4 ? rem / L : 0, layer = t->ndim == 4 ? rem % L : rem;
+    /* a sharded mixture's block of experts starts at global expert expert0[i] */
+    const int expert = t->ndim == 4 ? m->expert0[i] + rem / L : 0,
+              layer = t->ndim == 4 ? rem % L : rem;
     const size_t len = t->numel / (size_t)n_slices(t);
     float *p = m->params_mem + t->offset + (size_t)rem * len;
     if (!strcmp(t->name, "ln") || !strcmp(t->name, "ln_f")) {

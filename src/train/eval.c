@@ -93,23 +93,35 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
       st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__, "cannot allocate routing statistics");
       goto done;
     }
-    for (int64_t w0 = (int64_t)rank * batch_size; w0 < n_windows; w0 += (int64_t)world * batch_size) {
-      int B = (int)((n_windows - w0) < batch_size ? (n_windows - w0) : batch_size);
+    /* A mixture under expert parallelism computes collectively over its group: every rank
+     * makes the same number of forward calls with the same batch, padding with sequences whose
+     * targets are all ignored (they add nothing to the sums below). */
+    const int lockstep = net->mix && net->mix->ep_size > 1;
+    const int64_t stride = (int64_t)world * batch_size;
+    const int64_t rounds = (n_windows + stride - 1) / stride;
+    for (int64_t round = 0; round < rounds; round++) {
+      const int64_t w0 = round * stride + (int64_t)rank * batch_size;
+      const int64_t left = n_windows - w0;
+      const int Bv = (int)(left <= 0 ? 0 : left < batch_size ? left : batch_size);
+      if (Bv == 0 && !lockstep) break;
+      const int B = lockstep ? batch_size : Bv;
       for (int b = 0; b < B; b++) {
-        memcpy(x + (size_t)b * T, val.tokens + (w0 + b) * T, sizeof(int32_t) * T);
-        memcpy(y + (size_t)b * T, val.tokens + (w0 + b) * T + 1, sizeof(int32_t) * T);
+        const int64_t w = b < Bv ? w0 + b : 0;
+        memcpy(x + (size_t)b * T, val.tokens + w * T, sizeof(int32_t) * T);
+        if (b < Bv) memcpy(y + (size_t)b * T, val.tokens + w * T + 1, sizeof(int32_t) * T);
+        else for (int i = 0; i < T; i++) y[(size_t)b * T + i] = -1;
       }
       float loss;
       st = bam_net_forward(net, x, y, B, T, &loss);
       if (st != BAM_OK) break;
       const float *tl = bam_net_token_losses(net);
-      for (long i = 0; i < (long)B * T; i++) sums[0] += tl[i];
-      sums[1] += (double)B * T;
-      if (acc) {
+      for (long i = 0; i < (long)Bv * T; i++) sums[0] += tl[i];
+      sums[1] += (double)Bv * T;
+      if (acc && Bv > 0) {
         bam_route_stats rs = {one, Ea ? one + (size_t)L * Ef : NULL, one + (size_t)L * (Ef + Ea),
-                              one + (size_t)L * (Ef + Ea) + L};
+                              one + (size_t)L * (Ef + Ea) + L, Bv * T};
         bam_mixture_route_stats(net->mix, &rs);
-        for (size_t i = 0; i < n_stats; i++) acc[i] += one[i] * B * T;
+        for (size_t i = 0; i < n_stats; i++) acc[i] += one[i] * Bv * T;
       }
     }
     if (st == BAM_OK)

@@ -10,6 +10,9 @@ static void views(bam_net *n) {
     n->n_params = m->n_params, n->params = m->params_mem, n->grads = m->grads_mem;
     n->tensors = m->tensors, n->n_tensors = m->n_tensors, n->max_batch = m->max_batch;
     n->seq_len = m->shape.seq_len, n->vocab_size = m->shape.vocab_size, n->act_bytes = m->act_bytes;
+    n->global_tensors = m->tensors, n->n_global_tensors = m->n_tensors;
+    n->n_params_global = n->n_replicated = m->n_params;
+    for (int i = 0; i < m->n_tensors; i++) n->global_offset[i] = m->tensors[i].offset;
   } else {
     bam_mixture *m = n->mix;
     n->kind = bam_method_name(m->shape.method);
@@ -17,18 +20,30 @@ static void views(bam_net *n) {
     n->tensors = m->tensors, n->n_tensors = m->n_tensors, n->max_batch = m->max_batch;
     n->seq_len = m->shape.base.seq_len, n->vocab_size = m->shape.base.vocab_size;
     n->act_bytes = m->act_bytes;
+    n->global_tensors = m->global_tensors, n->n_global_tensors = m->n_global_tensors;
+    n->n_params_global = m->n_params_global, n->n_replicated = m->n_replicated;
+    for (int i = 0; i < m->n_tensors; i++) n->global_offset[i] = m->global_offset[i];
   }
 }
 
 bam_status bam_net_create(bam_net *n, const bam_config *cfg, int max_batch) {
+  return bam_net_create_ep(n, cfg, max_batch, MPI_COMM_NULL);
+}
+
+bam_status bam_net_create_ep(bam_net *n, const bam_config *cfg, int max_batch, MPI_Comm ep_comm) {
   memset(n, 0, sizeof *n);
   if (!cfg->method[0]) {
+    int size = 1;
+    if (ep_comm != MPI_COMM_NULL) MPI_Comm_size(ep_comm, &size);
+    if (size > 1)
+      BAM_FAIL(BAM_ERR_CONFIG, "expert parallelism (ep = %d) needs a mixture, not a dense model",
+               size);
     bam_model_shape s = bam_config_shape(cfg);
     BAM_CHECK(bam_model_create(&n->dense, &s, max_batch));
   } else {
     bam_mixture_shape s;
     BAM_CHECK(bam_mixture_shape_from_config(cfg, &s));
-    BAM_CHECK(bam_mixture_create(&n->mix, &s, max_batch));
+    BAM_CHECK(bam_mixture_create_sharded(&n->mix, &s, max_batch, ep_comm));
   }
   views(n);
   return BAM_OK;

@@ -6,7 +6,13 @@
  * [lo, hi); the global norm is an ordered sum of per-slice sums of squares; each rank clips
  * and applies AdamW to its slice with its slice of the moments; the updated slices are
  * all-gathered. Same rank count: bitwise-identical runs. Other rank counts: the same sums in
- * another order (float rounding). */
+ * another order (float rounding).
+ *
+ * An expert-sharded mixture (mixture.ep = G > 1) holds the replicated tensors and its own
+ * experts' blocks: the flat buffers have two parts, each exchanged like the dense buffer
+ * over its own communicator: the replicated part over all ranks, the expert part over the
+ * P/G ranks that hold the same experts (expert_dp_comm). Checkpoints are written in the
+ * global layout (bam_ckpt_save_pieces), so any rank count or ep can resume them. */
 #include <errno.h>
 #include <stdio.h>
 #include <math.h>
@@ -60,11 +66,23 @@ typedef struct {
   int rank, world;
   bam_net net;             /* the dense model or a mixture */
   MPI_Comm ep_comm;        /* expert-parallel group (mixture.ep > 1), else MPI_COMM_NULL */
+  MPI_Comm edp_comm;       /* the ranks holding this rank's experts (sharded), else NULL */
   bam_tensor_info trained[BAM_MAX_TENSORS]; /* the tensors AdamW updates (frozen experts: not) */
   int n_trained;
-  bam_exchange *x;
-  size_t lo, hi;           /* this rank's slice of the flat buffers */
-  float *adam_m, *adam_v;  /* AdamW moments of the slice only */
+  /* The parts of the flat buffers, each summed over its own ranks: [0] the replicated
+   * tensors (all of a dense model) over comm; [1] an expert-sharded mixture's expert blocks
+   * over edp_comm. This rank updates [base + lo, base + hi) of each, with AdamW moments at
+   * adam_m[state ...]. */
+  struct {
+    bam_exchange *x;
+    size_t base, lo, hi, state;
+  } part[2];
+  int n_parts;
+  size_t n_state;          /* floats of adam_m, adam_v: the rank's slices of every part */
+  float *adam_m, *adam_v;  /* AdamW moments of the slices only */
+  /* Global positions: every local tensor (params) and the slices (optimizer state). */
+  bam_ckpt_piece tensor_pieces[BAM_MAX_TENSORS], state_pieces[2 * BAM_MAX_TENSORS];
+  int n_state_pieces;
   bam_loader *loader;
   int step;                /* optimizer steps done */
   int64_t tokens_seen;
@@ -125,11 +143,9 @@ static bam_status run_eval(trainer *t, int final) {
   bam_eval_result r[BAM_MAX_DOMAINS];
   int n = 0;
   double t0 = bam_now();
-  /* Evaluation runs each rank's sequences on its own (the single-process mixture). */
-  if (t->ep_comm != MPI_COMM_NULL) BAM_CHECK(bam_net_set_ep(&t->net, MPI_COMM_NULL));
+  /* An expert-sharded mixture evaluates in lock step over its groups (bam_evaluate). */
   BAM_CHECK(bam_evaluate(&t->net, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
                          final, t->tok_id, r, &n, t->comm));
-  if (t->ep_comm != MPI_COMM_NULL) BAM_CHECK(bam_net_set_ep(&t->net, t->ep_comm));
   bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
   bam_log("\n");
@@ -159,14 +175,29 @@ static bam_status save_checkpoint(trainer *t) {
   bam_strlcpy(info.kind, t->net.kind, sizeof info.kind);
   bam_strlcpy(info.tokenizer, t->tok_id, sizeof info.tokenizer);
   char path[BAM_PATH_MAX + 64];
-  bam_range own = {t->lo, t->hi};
-  bam_status st = bam_ckpt_save_sharded(t->ckpt_dir, &info, t->net.tensors, t->net.n_tensors,
-                                        t->net.n_params, own, t->net.params + t->lo, t->adam_m,
-                                        t->adam_v, cfg->ckpt_keep, t->comm, path, sizeof path);
+  bam_status st = bam_ckpt_save_pieces(t->ckpt_dir, &info, t->net.global_tensors,
+                                       t->net.n_global_tensors, t->net.n_params_global,
+                                       t->state_pieces, t->n_state_pieces, t->net.params, t->adam_m,
+                                       t->adam_v, cfg->ckpt_keep, t->comm, path, sizeof path);
   free(cfg_text);
   BAM_CHECK(st);
   t->saved_step = t->step;
   bam_log("checkpoint %s (%.2f s)\n", path, bam_now() - t0);
+  return BAM_OK;
+}
+
+static bam_status check_layout(trainer *t, bam_ckpt *c) {
+  return bam_ckpt_check_layout(c, t->net.global_tensors, t->net.n_global_tensors,
+                               t->net.n_params_global);
+}
+
+/* This rank's tensors (its expert blocks only, when sharded) from their global positions. */
+static bam_status read_params(trainer *t, bam_ckpt *c) {
+  for (int i = 0; i < t->net.n_tensors; i++) {
+    const bam_ckpt_piece *p = &t->tensor_pieces[i];
+    BAM_CHECK(bam_ckpt_read(c, "params", (bam_range){p->global, p->global + p->n},
+                            t->net.params + p->local));
+  }
   return BAM_OK;
 }
 
@@ -176,14 +207,14 @@ static bam_status init_from(trainer *t, const char *path) {
   BAM_CHECK(bam_ckpt_open(&c, path));
   const bam_ckpt_info *info = bam_ckpt_get_info(c);
   bam_status st = BAM_OK;
-  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->net.tensors, t->net.n_tensors, t->net.n_params), done);
+  BAM_CHECK_GOTO(st, check_layout(t, c), done);
   if (strcmp(info->tokenizer, t->tok_id) != 0) {
     st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
                        "%s: trained with tokenizer '%s', the data uses '%s'", bam_ckpt_path(c),
                        info->tokenizer, t->tok_id);
     goto done;
   }
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->net.n_params}, t->net.params), done);
+  BAM_CHECK_GOTO(st, read_params(t, c), done);
   bam_log("initialised from %s (step %lld, %lld tokens)\n", bam_ckpt_path(c), (long long)info->step,
           (long long)info->tokens_seen);
 done:
@@ -207,7 +238,7 @@ static bam_status resume(trainer *t, const char *path_arg) {
   BAM_CHECK(bam_ckpt_open(&c, path));
   bam_status st = BAM_OK;
   const bam_ckpt_info *info = bam_ckpt_get_info(c);
-  BAM_CHECK_GOTO(st, bam_ckpt_check_layout(c, t->net.tensors, t->net.n_tensors, t->net.n_params), done);
+  BAM_CHECK_GOTO(st, check_layout(t, c), done);
   if (strcmp(info->kind, t->net.kind) != 0) {
     st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__, "%s: a '%s' checkpoint, this run trains a '%s' model",
                        bam_ckpt_path(c), info->kind, t->net.kind);
@@ -225,9 +256,13 @@ static bam_status resume(trainer *t, const char *path_arg) {
                        bam_ckpt_path(c));
     goto done;
   }
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "params", (bam_range){0, t->net.n_params}, t->net.params), done);
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_m", (bam_range){t->lo, t->hi}, t->adam_m), done);
-  BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_v", (bam_range){t->lo, t->hi}, t->adam_v), done);
+  BAM_CHECK_GOTO(st, read_params(t, c), done);
+  for (int i = 0; i < t->n_state_pieces; i++) {
+    const bam_ckpt_piece *p = &t->state_pieces[i];
+    const bam_range r = {p->global, p->global + p->n};
+    BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_m", r, t->adam_m + p->state), done);
+    BAM_CHECK_GOTO(st, bam_ckpt_read(c, "adam_v", r, t->adam_v + p->state), done);
+  }
   t->step = (int)info->step;
   t->tokens_seen = info->tokens_seen;
   t->saved_step = t->step;
@@ -259,8 +294,14 @@ static bam_status train_step(trainer *t, int32_t *x, int32_t *y, int local_batch
     sums[0] += token;
     sums[1] += (double)loss - token;
   }
-  BAM_CHECK(bam_reduce_scatter_ordered(t->x, n->grads));
-  double sumsq = bam_sum_squares(n->grads + t->lo, t->hi - t->lo);
+  double sumsq = 0;
+  for (int p = 0; p < t->n_parts; p++) {
+    float *g = n->grads + t->part[p].base;
+    BAM_CHECK(bam_reduce_scatter_ordered(t->part[p].x, g));
+    sumsq += bam_sum_squares(g + t->part[p].lo, t->part[p].hi - t->part[p].lo);
+  }
+  /* Every element is in exactly one rank's slice of one part: the world-wide sum is the
+   * squared norm of the whole gradient. */
   BAM_CHECK(bam_sum_ordered(&sumsq, t->comm));
   BAM_CHECK(bam_sum_ordered(&sums[0], t->comm));
   BAM_CHECK(bam_sum_ordered(&sums[1], t->comm));
@@ -268,12 +309,17 @@ static bam_status train_step(trainer *t, int32_t *x, int32_t *y, int local_batch
   if (!isfinite(loss) || !isfinite(norm))
     BAM_FAIL(BAM_ERR_NUMERIC, "training loss %g, gradient norm %g at step %d: lower train.lr or check the data",
              loss, norm, t->step + 1);
-  if (cfg->grad_clip > 0 && norm > cfg->grad_clip)
-    bam_scale(n->grads + t->lo, t->hi - t->lo, (float)(cfg->grad_clip / norm));
   const bam_adamw_hparams hp = {cfg->beta1, cfg->beta2, cfg->adam_eps, cfg->weight_decay};
-  bam_adamw_step_range(n->params, n->grads, t->adam_m, t->adam_v, t->trained, t->n_trained,
-                       t->lo, t->hi, lr, &hp, t->step + 1);
-  BAM_CHECK(bam_allgather_slices(t->x, n->params));
+  for (int p = 0; p < t->n_parts; p++) {
+    const size_t lo = t->part[p].base + t->part[p].lo, hi = t->part[p].base + t->part[p].hi;
+    if (cfg->grad_clip > 0 && norm > cfg->grad_clip)
+      bam_scale(n->grads + lo, hi - lo, (float)(cfg->grad_clip / norm));
+    /* the moments of [lo, hi) start at state; adamw indexes them from lo */
+    bam_adamw_step_range(n->params, n->grads, t->adam_m + t->part[p].state,
+                         t->adam_v + t->part[p].state, t->trained, t->n_trained, lo, hi, lr, &hp,
+                         t->step + 1);
+    BAM_CHECK(bam_allgather_slices(t->part[p].x, n->params + t->part[p].base));
+  }
   *loss_out = loss;
   *aux_out = sums[1] / (cfg->grad_accum * t->world);
   *norm_out = norm;
@@ -292,11 +338,58 @@ static void print_memory(const trainer *t, int local_batch) {
   const double pb = (double)t->net.n_params * sizeof(float);
   bam_format_bytes(a, sizeof a, pb);
   bam_format_bytes(b, sizeof b, pb);
-  bam_format_bytes(c, sizeof c, 2.0 * (double)(t->hi - t->lo) * sizeof(float));
+  bam_format_bytes(c, sizeof c, 2.0 * (double)t->n_state * sizeof(float));
   bam_format_bytes(d, sizeof d, (double)t->net.act_bytes);
-  bam_log("model: %s, %zu parameters (%.2fM)\n", t->net.kind, t->net.n_params, t->net.n_params / 1e6);
-  bam_log("memory per rank: params %s, grads %s, adamw %s (its 1/%d slice), activations %s "
-          "(batch %d x %d)\n", a, b, c, t->world, d, local_batch, t->net.seq_len);
+  bam_log("model: %s, %zu parameters (%.2fM)\n", t->net.kind, t->net.n_params_global,
+          t->net.n_params_global / 1e6);
+  if (t->n_parts > 1)
+    bam_log("expert sharding: this rank holds %zu of them (%.2fM: %.2fM replicated, %.2fM of "
+            "its experts)\n", t->net.n_params, t->net.n_params / 1e6, t->net.n_replicated / 1e6,
+            (t->net.n_params - t->net.n_replicated) / 1e6);
+  bam_log("memory per rank: params %s, grads %s, adamw %s (its slices), activations %s "
+          "(batch %d x %d)\n", a, b, c, d, local_batch, t->net.seq_len);
+}
+
+/* The parts of the buffers, their exchanges, this rank's slices and their global pieces. */
+static bam_status plan_parts(trainer *t) {
+  const bam_net *n = &t->net;
+  t->n_parts = n->n_replicated < n->n_params ? 2 : 1;
+  t->n_state = 0;
+  for (int p = 0; p < t->n_parts; p++) {
+    const size_t base = p ? n->n_replicated : 0, len = p ? n->n_params - base : n->n_replicated;
+    MPI_Comm c = p ? t->edp_comm : t->comm;
+    int r;
+    MPI_Comm_rank(c, &r);
+    BAM_CHECK(bam_exchange_create(&t->part[p].x, len, c));
+    t->part[p].base = base;
+    bam_exchange_range(t->part[p].x, r, &t->part[p].lo, &t->part[p].hi);
+    t->part[p].state = t->n_state;
+    t->n_state += t->part[p].hi - t->part[p].lo;
+  }
+  for (int i = 0; i < n->n_tensors; i++)
+    t->tensor_pieces[i] = (bam_ckpt_piece){.global = n->global_offset[i],
+                                           .local = n->tensors[i].offset,
+                                           .n = n->tensors[i].numel};
+  t->n_state_pieces = 0;
+  for (int p = 0; p < t->n_parts; p++) {
+    const size_t lo = t->part[p].base + t->part[p].lo, hi = t->part[p].base + t->part[p].hi;
+    for (int i = 0; i < n->n_tensors; i++) {
+      const bam_tensor_info *ti = &n->tensors[i];
+      const size_t a = ti->offset > lo ? ti->offset : lo;
+      const size_t b = ti->offset + ti->numel < hi ? ti->offset + ti->numel : hi;
+      if (a >= b) continue;
+      t->state_pieces[t->n_state_pieces++] =
+          (bam_ckpt_piece){.global = n->global_offset[i] + (a - ti->offset), .local = a,
+                           .state = t->part[p].state + (a - lo), .n = b - a};
+    }
+  }
+  return BAM_OK;
+}
+
+static double comm_seconds(const trainer *t) {
+  double s = bam_net_comm_seconds(&t->net);
+  for (int p = 0; p < t->n_parts; p++) s += bam_exchange_seconds(t->part[p].x);
+  return s;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -357,7 +450,8 @@ static bam_status write_summary(const trainer *t, double *tps, double *comm_shar
 
 bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_Comm comm,
                         int *interrupted) {
-  trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1, .ep_comm = MPI_COMM_NULL};
+  trainer t = {.cfg = cfg, .comm = comm, .saved_step = -1, .ep_comm = MPI_COMM_NULL,
+               .edp_comm = MPI_COMM_NULL};
   MPI_Comm_rank(comm, &t.rank);
   MPI_Comm_size(comm, &t.world);
   *interrupted = 0;
@@ -393,27 +487,29 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   double *log_tps = NULL, *log_comm = NULL; /* per logged step, for summary.json */
   int n_logged = 0;
   const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
-  BAM_CHECK_GOTO(st, bam_net_create(&t.net, cfg, max_batch), done);
-  bam_net_init(&t.net, (uint64_t)cfg->seed, cfg->init_std);
   if (cfg->ep > 1) {
+    /* groups of ep consecutive ranks; the ranks at the same position of every group hold
+     * the same experts */
     MPI_Comm_split(comm, t.rank / cfg->ep, t.rank, &t.ep_comm);
-    BAM_CHECK_GOTO(st, bam_net_set_ep(&t.net, t.ep_comm), done);
-    bam_log("expert parallelism: %d group%s of %d ranks; rank r of a group computes FFN "
-            "experts [r %d/%d, (r+1) %d/%d)%s; parameters replicated\n", t.world / cfg->ep,
+    MPI_Comm_split(comm, t.rank % cfg->ep, t.rank, &t.edp_comm);
+  }
+  BAM_CHECK_GOTO(st, bam_net_create_ep(&t.net, cfg, max_batch, t.ep_comm), done);
+  bam_net_init(&t.net, (uint64_t)cfg->seed, cfg->init_std);
+  if (cfg->ep > 1)
+    bam_log("expert parallelism: %d group%s of %d ranks; rank r of a group holds and computes "
+            "FFN experts [r %d/%d, (r+1) %d/%d)%s\n", t.world / cfg->ep,
             t.world / cfg->ep > 1 ? "s" : "", cfg->ep, t.net.mix->shape.n_ffn_experts, cfg->ep,
             t.net.mix->shape.n_ffn_experts, cfg->ep,
             t.net.mix->shape.method != BAM_METHOD_BTX ? " and the matching attention experts" : "");
-  }
   for (int i = 0; i < t.net.n_tensors; i++)
     if (!(cfg->freeze_experts && bam_net_is_expert_tensor(&t.net, &t.net.tensors[i])))
       t.trained[t.n_trained++] = t.net.tensors[i];
   if (t.n_trained < t.net.n_tensors)
     bam_log("frozen: %d expert tensors are not trained (mixture.freeze_experts)\n",
             t.net.n_tensors - t.n_trained);
-  BAM_CHECK_GOTO(st, bam_exchange_create(&t.x, t.net.n_params, comm), done);
-  bam_exchange_range(t.x, t.rank, &t.lo, &t.hi);
-  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_m, (t.hi - t.lo + 1) * sizeof(float), "AdamW m"), done);
-  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_v, (t.hi - t.lo + 1) * sizeof(float), "AdamW v"), done);
+  BAM_CHECK_GOTO(st, plan_parts(&t), done);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_m, (t.n_state + 1) * sizeof(float), "AdamW m"), done);
+  BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&t.adam_v, (t.n_state + 1) * sizeof(float), "AdamW v"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&x, sizeof(int32_t) * local_batch * T, "inputs"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&y, sizeof(int32_t) * local_batch * T, "targets"), done);
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&log_tps, sizeof(double) * (cfg->steps + 1), "step log"), done);
@@ -452,9 +548,9 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
     const float lr = bam_lr_at(t.step, cfg->warmup_steps, cfg->steps, cfg->lr, cfg->min_lr_ratio);
     double loss = 0, aux = 0, norm = 0;
     /* communication: the gradient exchange and a mixture's expert-parallel exchanges */
-    const double comm_before = bam_exchange_seconds(t.x) + bam_net_comm_seconds(&t.net);
+    const double comm_before = comm_seconds(&t);
     BAM_CHECK_GOTO(st, train_step(&t, x, y, local_batch, &loss, &aux, &norm, lr), done_signals);
-    comm_window += bam_exchange_seconds(t.x) + bam_net_comm_seconds(&t.net) - comm_before;
+    comm_window += comm_seconds(&t) - comm_before;
     t.step++;
     t.tokens_seen += tokens_per_step;
     window_steps++;
@@ -521,9 +617,10 @@ done:
   bam_free(log_comm);
   bam_free(t.adam_m);
   bam_free(t.adam_v);
-  bam_exchange_free(&t.x);
+  for (int p = 0; p < 2; p++) bam_exchange_free(&t.part[p].x);
   bam_net_free(&t.net);
   if (t.ep_comm != MPI_COMM_NULL) MPI_Comm_free(&t.ep_comm);
+  if (t.edp_comm != MPI_COMM_NULL) MPI_Comm_free(&t.edp_comm);
   bam_loader_free(&t.loader);
   return st;
 }

@@ -2,7 +2,8 @@
 # Expert parallelism end to end on real data: a seed and three domain experts mixed into
 # BTX, BAM and BAM shared-KV mixtures of E = 4 experts (top-2 FFN routing), each trained 20
 # steps with P=1; P=2 ep=2; P=4 ep=2 (two groups) and P=4 ep=4 (oversubscribed, one thread
-# per rank). Checks: the same losses to 1e-5 relative in every layout; the same layout twice
+# per rank). Each rank holds only its own experts (expert sharding). Checks: the same losses
+# and the same final evaluation to 1e-5 relative in every layout; the same layout twice
 # is bitwise identical; a run stopped with one ep resumes with another and continues with
 # the same losses; ep not dividing the ranks or the experts is refused with a clear message.
 set -uo pipefail
@@ -33,6 +34,22 @@ print(f"     loss {a[0]:.4f} -> {a[-1]:.4f}; worst relative difference {worst:.1
 sys.exit(0 if len(a) == len(b) == n and worst <= tol else 1)
 PY
 }
+same_eval() { # same_eval A.csv B.csv TOL: the final evaluation, every domain, loss within TOL
+  "$PY" - "$@" <<'PY'
+import csv, sys
+def final(p):
+    rows = list(csv.DictReader(open(p)))
+    last = max(int(r["step"]) for r in rows)
+    return {r["domain"]: (float(r["loss"]), int(r["tokens"])) for r in rows if int(r["step"]) == last}
+a, b, tol = final(sys.argv[1]), final(sys.argv[2]), float(sys.argv[3])
+worst = max(abs(a[d][0] - b[d][0]) / abs(b[d][0]) for d in b) if a.keys() == b.keys() and b else 1.0
+print(f"     final eval on {len(b)} domains; worst relative difference {worst:.1e}")
+sys.exit(0 if a.keys() == b.keys() and all(a[d][1] == b[d][1] for d in b) and worst <= tol else 1)
+PY
+}
+held() { # held LOG: "model: K, N parameters" and "this rank holds M of them": prints N M
+  sed -n -e 's/^model: [a-z-]*, \([0-9]*\) parameters.*/\1/p' -e 's/.*this rank holds \([0-9]*\) of them.*/\1/p' "$1" | head -2 | tr '\n' ' '
+}
 cd "$SRC"
 S=(--set data.dir="$DATA" --set eval.every=0 --set eval.max_tokens=2048)
 
@@ -40,6 +57,7 @@ S=(--set data.dir="$DATA" --set eval.every=0 --set eval.max_tokens=2048)
   "$BAM" branch --seed "$TMP/seed/ckpt" --domains code,math,legal "${S[@]}" --set train.steps=10 --out "$TMP/br" >"$TMP/br.log" 2>&1
 check "seed and three domain experts" $?
 
+declare -A held2
 T=(--set train.steps=20 --set train.warmup_steps=2 --set train.log_every=1 --set train.batch_size=8)
 for m in btx bam bam-shared-kv; do
   "$BAM" mix --method $m --ffn-top-k 2 --seed "$TMP/seed/ckpt" \
@@ -55,6 +73,13 @@ for m in btx bam bam-shared-kv; do
     check "$m: P=$np ep=$ep trains expert parallel" $?
     same "$TMP/$m-p1/metrics.csv" "$TMP/$m-p$np-ep$ep/metrics.csv" 20 1e-5
     check "$m: P=$np ep=$ep gives the P=1 losses to 1e-5" $?
+    same_eval "$TMP/$m-p1/eval.csv" "$TMP/$m-p$np-ep$ep/eval.csv" 1e-5
+    check "$m: P=$np ep=$ep evaluates (in lock step) to the P=1 losses to 1e-5" $?
+    read -r total mine <<<"$(held "$TMP/$m-p$np-ep$ep.log")"
+    echo "     parameters held per rank: ${mine:-?} of ${total:-?}"
+    [[ -n ${mine:-} && -n ${total:-} && $mine -lt $total ]] && { [[ $ep != 4 ]] || [[ $mine -lt ${held2[$m]} ]]; }
+    check "$m: P=$np ep=$ep: each rank holds only its experts (fewer with ep=4 than ep=2)" $?
+    [[ $ep == 2 ]] && held2[$m]=${mine:-0}
   done
   run 2 "$TMP/$m-again" "$TMP/$m-again.log" "${M[@]}" --set mixture.ep=2 &&
     cmp -s <(cut -d, -f1-5,8 "$TMP/$m-again/metrics.csv") <(cut -d, -f1-5,8 "$TMP/$m-p2-ep2/metrics.csv")

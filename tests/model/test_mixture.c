@@ -761,7 +761,7 @@ static void test_stats(void) {
     random_ids(tok, n, s.base.vocab_size, 92);
     T_OK(bam_mixture_forward(m, tok, NULL, B, T, NULL));
     double share[8], gate[6], fe[2], ae[2];
-    bam_route_stats st = {share, gate, fe, ae};
+    bam_route_stats st = {share, gate, fe, ae, 0};
     bam_mixture_route_stats(m, &st);
     for (int l = 0; l < L; l++) {
       double ss = 0, gs = 0;
@@ -787,7 +787,7 @@ static void test_stats(void) {
   int32_t tok[8] = {1, 2, 3, 4, 5, 6, 7, 8};
   T_OK(bam_mixture_forward(m, tok, NULL, 1, 8, NULL));
   double share[8], gate[6] = {-1, -1, -1, -1, -1, -1}, fe[2], ae[2] = {-1, -1};
-  bam_route_stats st = {share, gate, fe, ae};
+  bam_route_stats st = {share, gate, fe, ae, 0};
   bam_mixture_route_stats(m, &st);
   T_CHECK(gate[0] == -1 && ae[1] == -1, "BTX leaves the attention statistics untouched");
   T_CLOSE(share[0] + share[1] + share[2] + share[3], 1.0, 1e-12, 0, "BTX shares sum to 1");

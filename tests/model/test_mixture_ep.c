@@ -124,6 +124,44 @@ static void run(cfg c, int ep, int rank, int world) {
     const double d = rel_diff(sum + t->offset, ref->grads_mem + t->offset, t->numel);
     T_CHECK(d < 2e-5, "%s: gradient of %s differs by %.2e", name, t->name, d);
   }
+  /* Expert sharding: a mixture holding only this rank's experts starts from the same
+   * values (its blocks of the full mixture's tensors), and its forward and backward are the
+   * replicated ones bitwise: same loss, its gradient blocks equal to the full buffer's. */
+  bam_mixture *sh = NULL;
+  T_OK(bam_mixture_create_sharded(&sh, &s, Bl, comm));
+  if (sh) {
+    bam_mixture_init(sh, 3, 0.3f);
+    T_CHECK(sh->sharded && sh->n_params < m->n_params && sh->n_params_global == m->n_params,
+            "%s: sharded mixture holds %zu of %zu parameters", name, sh->n_params, m->n_params);
+    size_t expert_floats = 0;
+    for (int i = 0; i < sh->n_tensors; i++) {
+      const bam_tensor_info *t = &sh->tensors[i];
+      if (t->ndim == 4) expert_floats += t->numel;
+      T_CHECK(t->offset >= sh->n_replicated || t->ndim != 4, "%s: expert tensor %s in the "
+              "replicated part", name, t->name);
+      T_CHECK(!memcmp(sh->params_mem + t->offset, m->params_mem + sh->global_offset[i],
+                      t->numel * sizeof(float)),
+              "%s: sharded %s differs from the full mixture's block", name, t->name);
+    }
+    T_CHECK(sh->n_params - sh->n_replicated == expert_floats,
+            "%s: expert part %zu floats, tensors %zu", name, sh->n_params - sh->n_replicated,
+            expert_floats);
+    float loss_sh = 0;
+    bam_mixture_zero_grad(sh);
+    T_OK(bam_mixture_forward(sh, mt, my, Bl, T, &loss_sh));
+    T_OK(bam_mixture_backward(sh, 1.0f / (float)world));
+    T_CHECK(loss_sh == loss, "%s: sharded loss %.9g, replicated %.9g", name, loss_sh, loss);
+    for (int i = 0; i < sh->n_tensors; i++) {
+      const bam_tensor_info *t = &sh->tensors[i];
+      T_CHECK(!memcmp(sh->grads_mem + t->offset, g1 + sh->global_offset[i],
+                      t->numel * sizeof(float)),
+              "%s: sharded gradient of %s differs from the replicated one", name, t->name);
+    }
+    T_CHECK(bam_mixture_set_ep(sh, MPI_COMM_NULL) == BAM_ERR_ARG,
+            "%s: a sharded mixture left its group", name);
+    bam_error_clear();
+    bam_mixture_free(&sh);
+  }
   /* back to the single-process path: this rank's batch alone, the same loss */
   T_OK(bam_mixture_set_ep(m, MPI_COMM_NULL));
   float loss1 = 0;

@@ -441,7 +441,7 @@ static void run_case(const char *python, const char *srcdir, const char *cname) 
     /* Routing statistics: the share of top-k assignments is an exact count, so any
      * difference is a different routing decision, not rounding. */
     bam_route_stats rs = {c_share, is_bam ? c_att_gate : NULL, c_ffn_ent,
-                          is_bam ? c_att_ent : NULL};
+                          is_bam ? c_att_ent : NULL, 0};
     bam_mixture_route_stats(m, &rs);
     snprintf(sh, sizeof sh, "%dx%d", L, Ef);
     cmp_stats ss = compare_d(c_share, r_share, (size_t)L * Ef, TOL_SHARE, 0);
