@@ -31,5 +31,6 @@ bam_status cmd_mix(cli_args *a, MPI_Comm comm);
 bam_status cmd_train(cli_args *a, MPI_Comm comm);
 bam_status cmd_inspect(cli_args *a, MPI_Comm comm);
 bam_status cmd_export(cli_args *a, MPI_Comm comm);
+bam_status cmd_report(cli_args *a, MPI_Comm comm);
 
 #endif

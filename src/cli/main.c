@@ -30,6 +30,7 @@ static const char *USAGE =
     "            train a mixture made by mix (data parallel over the MPI ranks)\n"
     "  inspect   PATH   print a checkpoint's tensors, shapes, step and config\n"
     "  export    PATH --out FILE [--with-moments]   write one consolidated checkpoint file\n"
+    "  report    RUN_DIR [--out DIR]   the study's report (tables, figures) from a pipeline run\n"
     "  version   print the version\n"
     "\n"
     "A checkpoint PATH is a step folder, a run's ckpt/ folder (its latest step), or an export.\n"
@@ -53,6 +54,7 @@ static const command COMMANDS[] = {
     {"train", cmd_train},
     {"inspect", cmd_inspect},
     {"export", cmd_export},
+    {"report", cmd_report},
 };
 
 int main(int argc, char **argv) {
