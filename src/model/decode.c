@@ -318,11 +318,57 @@ static float *v_cache(const bam_decoder *D, int l, int jk) {
   return D->vc + ((size_t)l * D->nKV + (size_t)jk) * (size_t)D->max_len * D->kvd;
 }
 
+/* out(d) = attention of one query row q(d) at position len-1 over the cached keys and values
+ * kc, vc (rows 0 .. len-1, kvd wide). Plain loops, not BLAS: inside an OpenMP region the
+ * OpenBLAS of Debian 12 (0.3.21) still tries to thread a matrix-vector product, and the nested
+ * dispatch costs far more than these few thousand multiply-adds per head. */
+static void attend_one(const bam_decoder *D, float *out, const float *q, const float *kc,
+                       const float *vc, int len) {
+  const int H = D->H, G = H / D->Hkv, hd = D->hd, kvd = D->kvd;
+  const float scale = 1.0f / sqrtf((float)hd);
+  int nt = omp_get_max_threads();
+  if (nt > D->nt) nt = D->nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if ((long)len * D->d >= PAR_MIN_WORK)
+  for (int h = 0; h < H; h++) {
+    const int kvh = h / G;
+    float *S = D->scores + (size_t)omp_get_thread_num() * ATT_BLOCK * (size_t)D->max_len;
+    const float *qh = q + (size_t)h * hd;
+    float mx = -INFINITY;
+    for (int j = 0; j < len; j++) {
+      const float *kj = kc + (size_t)j * kvd + (size_t)kvh * hd;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int c = 0; c < hd; c++) s += qh[c] * kj[c];
+      S[j] = scale * s;
+      mx = S[j] > mx ? S[j] : mx;
+    }
+    double sum = 0.0;
+    for (int j = 0; j < len; j++) {
+      S[j] = expf(S[j] - mx);
+      sum += (double)S[j];
+    }
+    const float inv = (float)(1.0 / sum);
+    float *oh = out + (size_t)h * hd;
+    for (int c = 0; c < hd; c++) oh[c] = 0.0f;
+    for (int j = 0; j < len; j++) {
+      const float pj = S[j] * inv;
+      const float *vj = vc + (size_t)j * kvd + (size_t)kvh * hd;
+#pragma omp simd
+      for (int c = 0; c < hd; c++) oh[c] += pj * vj[c];
+    }
+  }
+}
+
 /* out(n, d) = causal attention of the query rows q(n, d) at positions pos0 .. pos0+n-1 over
  * the cached keys and values kc, vc (rows 0 .. pos0+n-1, kvd wide). Query head h reads kv
- * head h / (H / Hkv). */
+ * head h / (H / Hkv). Several rows: items (head, block of 64 rows) in parallel, each two
+ * sgemm calls, as the training kernel does; one row: attend_one. */
 static void attend(const bam_decoder *D, float *out, const float *q, const float *kc,
                    const float *vc, int pos0, int n) {
+  if (n == 1) {
+    attend_one(D, out, q, kc, vc, pos0 + 1);
+    return;
+  }
   const int H = D->H, G = H / D->Hkv, hd = D->hd, d = D->d, kvd = D->kvd;
   const float scale = 1.0f / sqrtf((float)hd);
   const int nblk = (n + ATT_BLOCK - 1) / ATT_BLOCK;
@@ -339,11 +385,8 @@ static void attend(const bam_decoder *D, float *out, const float *q, const float
     const float *kb = kc + (size_t)kvh * hd, *vb = vc + (size_t)kvh * hd;
     float *ob = out + (size_t)r0 * d + (size_t)h * hd;
     /* S(m, nk) = scale * Q K^T */
-    if (m == 1)
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, hd, scale, kb, kvd, qb, 1, 0.0f, S, 1);
-    else
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, nk, hd, scale, qb, d, kb, kvd,
-                  0.0f, S, nk);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, nk, hd, scale, qb, d, kb, kvd, 0.0f,
+                S, nk);
     /* causal softmax: row ii (position pos0 + r0 + ii) keeps keys 0 .. pos0 + r0 + ii */
     for (int ii = 0; ii < m; ii++) {
       float *p = S + (size_t)ii * nk;
@@ -361,11 +404,8 @@ static void attend(const bam_decoder *D, float *out, const float *q, const float
       for (int j = len; j < nk; j++) p[j] = 0.0f;
     }
     /* O(m, hd) = P V */
-    if (m == 1)
-      cblas_sgemv(CblasRowMajor, CblasTrans, nk, hd, 1.0f, vb, kvd, S, 1, 0.0f, ob, 1);
-    else
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, nk, 1.0f, S, nk, vb, kvd,
-                  0.0f, ob, d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, nk, 1.0f, S, nk, vb, kvd, 0.0f,
+                ob, d);
   }
 }
 
