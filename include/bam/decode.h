@@ -21,7 +21,8 @@
  * are limited to the kept experts.
  *
  * The decoder borrows the weights of the model or mixture it was created from (which must
- * outlive it and may be updated in place between calls). Every buffer, cache and scratch, is
+ * outlive it and may be updated in place between calls); a sharded mixture (holding only its
+ * rank's experts) is refused. Every buffer, cache and scratch, is
  * allocated once in bam_decoder_create: prefill and step allocate nothing. Products over
  * several rows (prefill) are cblas_sgemm calls, a single row (step) cblas_sgemv. */
 #ifndef BAM_DECODE_H

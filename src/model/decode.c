@@ -208,6 +208,10 @@ bam_status bam_decoder_create(bam_decoder **out, bam_model *dense, bam_mixture *
   *out = NULL;
   if (!dense == !mix)
     BAM_FAIL(BAM_ERR_ARG, "bam_decoder_create: pass exactly one of a dense model and a mixture");
+  if (mix && mix->sharded)
+    BAM_FAIL(BAM_ERR_ARG,
+             "bam_decoder_create: this mixture is sharded (it holds only its rank's experts); "
+             "decoding needs every expert: load it unsharded");
   const bam_model_shape *s = dense ? &dense->shape : &mix->shape.base;
   if (max_len < 1 || max_len > s->seq_len)
     BAM_FAIL(BAM_ERR_ARG,
