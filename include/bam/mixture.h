@@ -121,6 +121,12 @@ typedef struct {
   size_t global_offset[BAM_MAX_TENSORS];
   int expert0[BAM_MAX_TENSORS];
   double comm_seconds;  /* wall seconds spent in the expert-parallel MPI calls, cumulative */
+  /* 1: in every layer the attention branch and the FFN branch run at the same time on two
+   * OpenMP threads (each branch's BLAS calls then single-threaded), the FFN's all-to-all
+   * exchanges overlapping the attention experts' compute; 0 (default): one after the other,
+   * each product on every thread. The two give the same results to float rounding (a
+   * product on one thread may sum in another order); each is bitwise repeatable. */
+  int concurrent_branches;
 } bam_mixture;
 
 bam_status bam_mixture_create(bam_mixture **out, const bam_mixture_shape *shape, int max_batch);

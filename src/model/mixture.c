@@ -52,6 +52,7 @@
  * forward or backward. */
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "bam/kernels.h"
@@ -135,7 +136,9 @@ struct bam_mix_acts {
   float *dk;          /* (R, kvd) */
   float *dv;          /* (R, kvd) */
   float *dscores;     /* (PT) */
-  float *drouter;     /* (R, max(Ea, Ef)) router probability, then logit, gradient */
+  float *drouter;     /* (R, Ef) FFN router probability, then logit, gradient */
+  float *dg_att;      /* (RA, Ea) attention gate, then router logit, gradient (BAM) */
+  float *dh_att;      /* (R, d) the attention branch's dh (single process; EP uses ep_b) */
   float *dgate_w;     /* (R*k) dL/dw per FFN assignment */
   float *xg;          /* (R*k, d) gathered h rows */
   float *yg;          /* (R*k, d) expert outputs (forward); gathered dy, then dX (backward) */
@@ -226,7 +229,7 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   const size_t L = (size_t)z->L, d = (size_t)z->d, kvd = (size_t)z->kvd, f = (size_t)z->f,
                V = (size_t)z->V, R = z->R, Rk = R * (size_t)z->k, nA = (size_t)z->nAl,
                nKV = (size_t)z->nKVl, Ea = (size_t)z->Ea, Ef = (size_t)z->Ef, ka = (size_t)z->ka,
-               E = Ea > Ef ? Ea : Ef, PT = z->PTA, RA = z->RA, GRk = z->GRk,
+               PT = z->PTA, RA = z->RA, GRk = z->GRk,
                ep = z->G > 1, epa = z->Ga > 1, dE = d > Ea ? d : Ea;
   size_t off = 0;
 #define SLOT(field, count)                                  \
@@ -273,7 +276,9 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(dk, RA * kvd);
   SLOT(dv, RA * kvd);
   SLOT(dscores, PT);
-  SLOT(drouter, RA * E);
+  SLOT(drouter, R * Ef);
+  SLOT(dg_att, RA * Ea);
+  SLOT(dh_att, R * d);
   SLOT(dgate_w, Rk);
   SLOT(xg, Rk * d);
   SLOT(yg, GRk * d);
@@ -618,9 +623,25 @@ static float *ep_reduce_scatter(const float *part, float *recv, size_t n, const 
   return recv;
 }
 
-/* Writes the attention branch output (N, d) into x.x_next. BAM with expert parallelism
- * (Ga > 1): the group's h is gathered, this rank's experts run on all NA = Ga N rows and
- * their partial sum is reduce-scattered in rank order. */
+/* The attention branch output (N, d) goes into x.x_next, in three phases: gather (MPI),
+ * compute (no MPI call: it may run on any thread, beside the FFN branch), scatter (MPI).
+ * BAM with expert parallelism (Ga > 1): the group's h is gathered, this rank's experts run
+ * on all NA = Ga N rows and their partial sum is reduce-scattered in rank order. */
+static void attention_forward_gather(bam_mixture *m, const dims *z, int l, int B, int T) {
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, d = z->d;
+  if (z->Ga > 1)
+    EP_TIMED(m, MPI_Allgather(x.h, N * d, MPI_FLOAT, x.hA, N * d, MPI_FLOAT, m->ep_comm));
+}
+
+static void attention_forward_scatter(bam_mixture *m, const dims *z, int l, int B, int T) {
+  if (z->Ga == 1) return;
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, d = z->d;
+  const float *sum = ep_reduce_scatter(m->acts->ep_a, m->acts->ep_c, (size_t)N * d, m);
+  memcpy(x.x_next, sum, (size_t)N * d * sizeof(float));
+}
+
 static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T) {
   bam_mix_acts *a = m->acts;
   const mix_params *P = &a->p;
@@ -628,8 +649,6 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
   const int N = B * T, d = z->d, kvd = z->kvd, Ea = z->Ea;
   const int NA = z->Ga * N, BA = z->Ga * B;
   const float *cs = m->rope_cos, *sn = m->rope_sin;
-  if (z->Ga > 1)
-    EP_TIMED(m, MPI_Allgather(x.h, N * d, MPI_FLOAT, x.hA, N * d, MPI_FLOAT, m->ep_comm));
   const float *hA = x.hA;
   float *yA = z->Ga > 1 ? a->ep_a : x.x_next; /* this rank's (partial) branch output */
 
@@ -694,10 +713,6 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
       for (int c = 0; c < d; c++) yt[c] += gj * ot[c];
     }
   }
-  if (z->Ga > 1) {
-    const float *sum = ep_reduce_scatter(yA, a->ep_c, (size_t)N * d, m);
-    memcpy(x.x_next, sum, (size_t)N * d * sizeof(float));
-  }
 }
 
 /* Adds the attention branch's gradients: dy = dres (the branch output's gradient), into
@@ -705,23 +720,30 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
  * group, this rank's experts back-propagate all group rows, the partial dh and the gate
  * gradients (zero outside this rank's experts) are reduce-scattered in rank order, and the
  * router backward runs on this rank's own rows. */
+/* Phases as in the forward: gather (MPI) the group's dy; compute this rank's experts'
+ * gradients into dhA (dh_att, or ep_b with EP) and dg_att (no MPI call); scatter (MPI) the
+ * partial dh and gate gradients, add dh_att to a->dh, and run the router backward. */
+static void attention_backward_gather(bam_mixture *m, const dims *z, int l, int B, int T) {
+  (void)l;
+  bam_mix_acts *a = m->acts;
+  const int N = B * T, d = z->d;
+  if (z->Ga > 1)
+    EP_TIMED(m, MPI_Allgather(a->dres, N * d, MPI_FLOAT, a->ep_a, N * d, MPI_FLOAT, m->ep_comm));
+}
+
 static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int T) {
   bam_mix_acts *a = m->acts;
   const mix_params *P = &a->p, *G = &a->g;
   const layer_acts x = acts_of(m, z, l);
   const int N = B * T, d = z->d, kvd = z->kvd, Ea = z->Ea;
   const int NA = z->Ga * N, BA = z->Ga * B;
-  const float *cs = m->rope_cos, *sn = m->rope_sin, *dy = a->dres;
+  const float *cs = m->rope_cos, *sn = m->rope_sin;
+  const float *dy = z->Ga > 1 ? a->ep_a : a->dres;
   const size_t nd = (size_t)NA * d * sizeof(float), nkv = (size_t)NA * kvd * sizeof(float);
-  float *dg = a->drouter; /* (NA, Ea) dL/dg */
+  float *dg = a->dg_att; /* (NA, Ea) dL/dg */
   const float *hA = x.hA;
-  float *dhA = a->dh;
-  if (z->Ga > 1) {
-    EP_TIMED(m, MPI_Allgather(a->dres, N * d, MPI_FLOAT, a->ep_a, N * d, MPI_FLOAT, m->ep_comm));
-    dy = a->ep_a;
-    dhA = a->ep_b;
-    memset(dhA, 0, nd);
-  }
+  float *dhA = z->Ga > 1 ? a->ep_b : a->dh_att;
+  memset(dhA, 0, nd);
 
   if (z->bam) memset(dg, 0, (size_t)NA * Ea * sizeof(float));
   if (z->nKV == 1) { /* the shared K/V gradients gather every expert's share */
@@ -778,16 +800,25 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
     bam_matmul_backward(dhA, wk_of(G, z, l, 0), a->dk, hA, wk_of(P, z, l, 0), NA, d, kvd);
     bam_matmul_backward(dhA, wv_of(G, z, l, 0), a->dv, hA, wv_of(P, z, l, 0), NA, d, kvd);
   }
+}
+
+static void attention_backward_scatter(bam_mixture *m, const dims *z, int l, int B, int T) {
+  bam_mix_acts *a = m->acts;
+  const mix_params *P = &a->p, *G = &a->g;
+  const layer_acts x = acts_of(m, z, l);
+  const int N = B * T, d = z->d, Ea = z->Ea, NA = z->Ga * N;
+  float *dg = a->dg_att, *dh = a->dh;
+  /* dh of this rank's rows: its own attention gradient, or with EP the sum over the experts
+   * of the group in rank order */
+  const float *sum = z->Ga > 1 ? ep_reduce_scatter(a->ep_b, a->ep_c, (size_t)N * d, m) : a->dh_att;
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+  for (size_t i = 0; i < (size_t)N * d; i++) dh[i] += sum[i];
   if (!z->bam) return;
   const float *att_p = x.att_p;
   const int32_t *att_idx = x.att_idx;
   if (z->Ga > 1) {
-    /* dh of this rank's rows, summed over the experts of the group in rank order; the gate
-     * gradients likewise (each column is nonzero on its owner only: the sum is exact). */
-    const float *sum = ep_reduce_scatter(dhA, a->ep_c, (size_t)N * d, m);
-    float *dh = a->dh;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-    for (size_t i = 0; i < (size_t)N * d; i++) dh[i] += sum[i];
+    /* the gate gradients likewise (each column is nonzero on its owner only: the sum is
+     * exact) */
     memcpy(a->ep_a, dg, (size_t)NA * Ea * sizeof(float));
     const float *gsum = ep_reduce_scatter(a->ep_a, a->ep_c, (size_t)N * Ea, m);
     memcpy(dg, gsum, (size_t)N * Ea * sizeof(float));
@@ -1252,11 +1283,31 @@ bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int3
     const layer_acts x = acts_of(m, &z, l);
     bam_layernorm_forward(x.h, x.mean, x.rstd, x.x, layer_w_of(&a->p, &z, l).ln, N, d,
                           s->norm_eps);
-    attention_forward(m, &z, l, B, T); /* into x_next */
-    aux += moe_route(m, &z, l, B, T);
     float *moe = a->dh; /* backward scratch, free during the forward pass */
-    if (z.G > 1) moe_forward_ep(m, &z, l, B, T, moe);
-    else moe_forward(m, &z, l, B, T, moe);
+    /* The branches read h and write apart (attention: x_next; FFN: moe). Concurrently, the
+     * attention experts compute on a second thread while the main thread routes and runs
+     * the FFN experts with their all-to-all exchanges (every MPI call on the main thread). */
+    attention_forward_gather(m, &z, l, B, T);
+    double aux_l = 0.0;
+    if (m->concurrent_branches) {
+#pragma omp parallel num_threads(2)
+      {
+        const int tid = omp_get_thread_num();
+        if (tid == 1 || omp_get_num_threads() == 1) attention_forward(m, &z, l, B, T);
+        if (tid == 0) {
+          aux_l = moe_route(m, &z, l, B, T);
+          if (z.G > 1) moe_forward_ep(m, &z, l, B, T, moe);
+          else moe_forward(m, &z, l, B, T, moe);
+        }
+      }
+    } else {
+      attention_forward(m, &z, l, B, T);
+      aux_l = moe_route(m, &z, l, B, T);
+      if (z.G > 1) moe_forward_ep(m, &z, l, B, T, moe);
+      else moe_forward(m, &z, l, B, T, moe);
+    }
+    attention_forward_scatter(m, &z, l, B, T); /* into x_next */
+    aux += aux_l;
     /* x' = x + a + MoE, in the dense model's order of evaluation */
     const long n = (long)N * d;
     float *xn = x.x_next;
@@ -1320,9 +1371,23 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
     const layer_acts x = acts_of(m, &z, l);
     /* x' = x + a + MoE: dres (= dx') flows into both branches and on into dx. */
     memset(a->dh, 0, nd);
-    if (z.G > 1) moe_backward_ep(m, &z, l, B, T, grad_scale);
-    else moe_backward(m, &z, l, B, T, grad_scale);
-    attention_backward(m, &z, l, B, T);
+    attention_backward_gather(m, &z, l, B, T);
+    if (m->concurrent_branches) {
+#pragma omp parallel num_threads(2)
+      {
+        const int tid = omp_get_thread_num();
+        if (tid == 1 || omp_get_num_threads() == 1) attention_backward(m, &z, l, B, T);
+        if (tid == 0) {
+          if (z.G > 1) moe_backward_ep(m, &z, l, B, T, grad_scale);
+          else moe_backward(m, &z, l, B, T, grad_scale);
+        }
+      }
+    } else {
+      if (z.G > 1) moe_backward_ep(m, &z, l, B, T, grad_scale);
+      else moe_backward(m, &z, l, B, T, grad_scale);
+      attention_backward(m, &z, l, B, T);
+    }
+    attention_backward_scatter(m, &z, l, B, T); /* dh += the attention branch's */
     bam_layernorm_backward(a->dres, layer_w_of(&a->g, &z, l).ln, a->dh, x.x,
                            layer_w_of(&a->p, &z, l).ln, x.mean, x.rstd, N, d);
   }

@@ -5,6 +5,7 @@
  * shape checks and FLOPs. */
 #include <math.h>
 #include <stdlib.h>
+#include <omp.h>
 #include <string.h>
 
 #include "bam/mixture.h"
@@ -908,6 +909,61 @@ static void test_flops(void) {
           "BTX with one expert = dense + router");
 }
 
+/* concurrent_branches: the attention and FFN branches on two threads at once give the
+ * sequential results to float rounding (the products of a branch then run on one thread, whose
+ * blocking may sum in another order) and are bitwise repeatable; at a size where the products
+ * are threaded when run one after the other. */
+static double max_rel(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    const double e = fabs((double)a[i] - b[i]);
+    if (e > num) num = e;
+    if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
+  }
+  return den > 0 ? num / den : num;
+}
+
+static void test_concurrent_branches(void) {
+  const bam_method methods[3] = {BAM_METHOD_BTX, BAM_METHOD_BAM, BAM_METHOD_BAM_SHARED_KV};
+  for (int mi = 0; mi < 3; mi++) {
+    bam_mixture_shape s = mix_shape((cfg){.method = methods[mi], .hkv = 2, .k = 2, .renorm = 0,
+                                          .att_top_k = 0, .lb_seq = 1, .Ef = 4, .cap = 0.0f});
+    s.base.d_model = 64, s.base.d_ff = 128, s.base.seq_len = 32, s.base.n_heads = 4;
+    const int B = 8, T = 32, n = B * T;
+    bam_mixture *m = NULL;
+    T_OK(bam_mixture_create(&m, &s, B));
+    if (!m) return;
+    bam_mixture_init(m, 5, 0.1f);
+    int32_t *tok = malloc(sizeof(int32_t) * n), *tgt = malloc(sizeof(int32_t) * n);
+    random_ids(tok, n, s.base.vocab_size, 8);
+    random_ids(tgt, n, s.base.vocab_size, 9);
+    const size_t np = m->n_params, nl = (size_t)n * s.base.vocab_size;
+    float loss[3], *g = malloc(np * 4 * 3), *lg = malloc(nl * 4 * 3);
+    for (int run = 0; run < 3; run++) { /* sequential, concurrent, concurrent again */
+      m->concurrent_branches = run > 0;
+      bam_mixture_zero_grad(m);
+      T_OK(bam_mixture_forward(m, tok, tgt, B, T, &loss[run]));
+      T_OK(bam_mixture_backward(m, 1.0f));
+      memcpy(g + run * np, m->grads_mem, np * 4);
+      memcpy(lg + run * nl, bam_mixture_logits(m), nl * 4);
+    }
+    const char *name = bam_method_name(methods[mi]);
+    T_CHECK(loss[1] == loss[2] && !memcmp(lg + nl, lg + 2 * nl, nl * 4) &&
+                !memcmp(g + np, g + 2 * np, np * 4),
+            "%s: concurrent branches twice differ", name);
+    T_CLOSE(loss[1], loss[0], 0, 1e-6, name);
+    const double dl = max_rel(lg + nl, lg, nl);
+    T_CHECK(dl < 1e-5, "%s: concurrent logits differ by %.2e", name, dl);
+    for (int i = 0; i < m->n_tensors; i++) {
+      const bam_tensor_info *t = &m->tensors[i];
+      const double dg = max_rel(g + np + t->offset, g + t->offset, t->numel);
+      T_CHECK(dg < 1e-4, "%s: concurrent gradient of %s differs by %.2e", name, t->name, dg);
+    }
+    free(tok), free(tgt), free(g), free(lg);
+    bam_mixture_free(&m);
+  }
+}
+
 int main(void) {
   double t0 = bam_now();
   test_layout();
@@ -921,6 +977,7 @@ int main(void) {
   test_identity_ffn(2, 1);
   test_skipped_expert();
   test_determinism_and_targets();
+  test_concurrent_branches();
   test_grad_accumulation(BAM_METHOD_BTX);
   test_grad_accumulation(BAM_METHOD_BAM);
   test_grad_accumulation(BAM_METHOD_BAM_SHARED_KV);
