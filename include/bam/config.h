@@ -56,6 +56,14 @@ typedef struct {
   int ckpt_keep;          /* checkpoints kept (older ones pruned) */
   /* [run] */
   char out_dir[BAM_PATH_MAX];
+  /* [pipeline] (jobs/pipeline.sh: the study's stages). Validated like every key, ignored by
+   * training, and not written by bam_config_write (so not stored in checkpoints): a stage's
+   * checkpoint does not change when only the pipeline's settings do. */
+  char pipeline_domains[256];      /* expert domains, comma separated */
+  int pipeline_branch_steps;       /* steps of each domain expert; 0: train.steps */
+  int pipeline_mix_steps;          /* steps of the data-matched mixture runs; 0: train.steps */
+  int pipeline_eval_tokens;        /* tokens per domain in the eval stage; 0: whole split */
+  char pipeline_eval_domains[256]; /* empty: general, the expert domains, reference */
 } bam_config;
 
 void bam_config_defaults(bam_config *c);
@@ -69,7 +77,7 @@ bam_status bam_config_load_string(bam_config *c, const char *text, const char *o
 bam_status bam_config_validate(const bam_config *c, const char *origin);
 /* The model shape with defaults resolved (n_kv_heads 0 -> n_heads). */
 bam_model_shape bam_config_shape(const bam_config *c);
-/* Write the resolved config as INI text. */
+/* Write the resolved config as INI text (every section but [pipeline]). */
 void bam_config_write(const bam_config *c, FILE *f);
 /* The same into a malloc'd string (caller frees with free()). */
 char *bam_config_to_string(const bam_config *c);

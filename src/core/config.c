@@ -68,6 +68,16 @@ static const key_def KEYS[] = {
     {"ckpt", "every", K_INT, F(ckpt_every), 0, 1e9, "steps between checkpoints (0: end only)"},
     {"ckpt", "keep", K_INT, F(ckpt_keep), 1, 1000, "checkpoints kept under <out_dir>/ckpt"},
     {"run", "out_dir", K_STR, F(out_dir), 0, 0, "where checkpoints and logs go"},
+    /* jobs/pipeline.sh reads these from the config file; bam only validates them. */
+    {"pipeline", "domains", K_STR, F(pipeline_domains), 0, 0, "expert domains, comma separated"},
+    {"pipeline", "branch_steps", K_INT, F(pipeline_branch_steps), 0, 1e9,
+     "steps of each domain expert (0: train.steps)"},
+    {"pipeline", "mix_steps", K_INT, F(pipeline_mix_steps), 0, 1e9,
+     "steps of the data-matched mixture runs (0: train.steps)"},
+    {"pipeline", "eval_tokens", K_INT, F(pipeline_eval_tokens), 0, 1 << 30,
+     "tokens per domain in the eval stage (0: whole split)"},
+    {"pipeline", "eval_domains", K_STR, F(pipeline_eval_domains), 0, 0,
+     "domains of the eval stage (empty: general, the expert domains, reference)"},
 };
 #undef F
 #define N_KEYS (sizeof KEYS / sizeof KEYS[0])
@@ -112,6 +122,11 @@ void bam_config_defaults(bam_config *c) {
   c->ckpt_every = 0;
   c->ckpt_keep = 2;
   bam_strlcpy(c->out_dir, "runs/default", sizeof c->out_dir);
+  bam_strlcpy(c->pipeline_domains, "code,math,legal", sizeof c->pipeline_domains);
+  c->pipeline_branch_steps = 0;
+  c->pipeline_mix_steps = 0;
+  c->pipeline_eval_tokens = 131072;
+  c->pipeline_eval_domains[0] = 0;
 }
 
 static const key_def *find_key(const char *section, const char *key, int *section_known) {
@@ -255,6 +270,38 @@ bam_status bam_config_set(bam_config *c, const char *assignment) {
   return BAM_OK;
 }
 
+/* A comma-separated list of domain names ([A-Za-z0-9_.-]+), none empty or repeated; an empty
+ * list is allowed only when empty_ok. Returns 0 and writes why into err otherwise. */
+static int check_domain_list(const char *list, int empty_ok, char *err, size_t n) {
+  if (!*list) {
+    if (!empty_ok) snprintf(err, n, "is empty");
+    return empty_ok;
+  }
+  const char *p = list;
+  while (1) {
+    size_t len = strcspn(p, ",");
+    if (len == 0) {
+      snprintf(err, n, "'%s' has an empty domain name", list);
+      return 0;
+    }
+    for (size_t i = 0; i < len; i++) {
+      char ch = p[i];
+      if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+            ch == '_' || ch == '-' || ch == '.')) {
+        snprintf(err, n, "'%s': domain names are letters, digits, '_', '-' and '.'", list);
+        return 0;
+      }
+    }
+    for (const char *q = list; q < p; q += strcspn(q, ",") + 1)
+      if (strcspn(q, ",") == len && !strncmp(q, p, len)) {
+        snprintf(err, n, "'%s' names '%.*s' twice", list, (int)len, p);
+        return 0;
+      }
+    if (!p[len]) return 1;
+    p += len + 1;
+  }
+}
+
 bam_status bam_config_validate(const bam_config *c, const char *origin) {
   bam_model_shape s = c->model;
   if (s.n_kv_heads == 0) s.n_kv_heads = s.n_heads;
@@ -273,6 +320,11 @@ bam_status bam_config_validate(const bam_config *c, const char *origin) {
   if (!c->data_dir[0]) BAM_FAIL(BAM_ERR_CONFIG, "%s: data.dir is empty", origin);
   if (!c->train_mix[0]) BAM_FAIL(BAM_ERR_CONFIG, "%s: data.train_mix is empty", origin);
   if (!c->out_dir[0]) BAM_FAIL(BAM_ERR_CONFIG, "%s: run.out_dir is empty", origin);
+  char err[300];
+  if (!check_domain_list(c->pipeline_domains, 0, err, sizeof err))
+    BAM_FAIL(BAM_ERR_CONFIG, "%s: pipeline.domains %s", origin, err);
+  if (!check_domain_list(c->pipeline_eval_domains, 1, err, sizeof err))
+    BAM_FAIL(BAM_ERR_CONFIG, "%s: pipeline.eval_domains %s", origin, err);
   return BAM_OK;
 }
 
@@ -281,6 +333,7 @@ void bam_config_write(const bam_config *c, FILE *f) {
   for (size_t i = 0; i < N_KEYS; i++) {
     const key_def *k = &KEYS[i];
     const char *base = (const char *)c + k->offset;
+    if (!strcmp(k->section, "pipeline")) continue; /* not a training setting */
     if (strcmp(section, k->section)) {
       fprintf(f, "%s[%s]\n", i ? "\n" : "", k->section);
       section = k->section;

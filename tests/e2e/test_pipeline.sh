@@ -3,8 +3,13 @@
 # stage): seed -> three experts -> BTX, BAM, BAM shared-KV mixtures -> DM and CM training ->
 # eval -> report. Checks: every artifact exists; report.md has a row per model and a column
 # per domain; compute-matched BAM runs get fewer steps than BTX; a second run skips every stage
-# and leaves results.csv byte-identical; a run killed during the branch stage (SIGTERM to its
-# process group) completes when run again, skipping the seed, with the uninterrupted results.
+# and leaves results.csv byte-identical; the config's [pipeline] section gives the same run as
+# the environment variables (every stage skipped), comments and [pipeline] keys leave the
+# seed's checksum alone, a bad [pipeline] value is refused before anything runs; a stage run
+# alone (--stage) refuses to start when an input stage has not finished, naming it; a run
+# killed during the branch stage (SIGTERM to its process group) is finished by running the
+# branch stage alone (the seed is an input, the code expert resumes) and then the rest, with
+# the uninterrupted results.
 set -uo pipefail
 BAM=${BAM_BIN:?} SRC=${BAM_SOURCE_DIR:?} DATA=${BAM_TEST_DATA:?}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
@@ -76,6 +81,30 @@ echo "     second run: $n_skipped stages skipped, $(grep -c ': running' "$TMP/a2
 [[ $rc == 0 && $n_skipped == 12 ]] && ! grep -q ': running' "$TMP/a2.log" && cmp -s "$TMP/a/results.csv" "$TMP/a-results.csv"
 check "second run: every stage skipped, results.csv byte-identical" $?
 
+# 2b. The config's [pipeline] section (branch_steps 12, mix_steps 10, eval_tokens 1024) without
+# the environment: the same run, every stage skipped.
+env -u BAM_BRANCH_STEPS -u BAM_MIX_STEPS -u BAM_EVAL_TOKENS "${P[@]}" --run "$TMP/a" >"$TMP/a4.log" 2>&1
+[[ $? == 0 && $(grep -c ': skipped (done' "$TMP/a4.log") == 12 ]] && cmp -s "$TMP/a/results.csv" "$TMP/a-results.csv"
+check "the config's [pipeline] section alone (no BAM_*_STEPS): every stage skipped, same results" $?
+# Another comment and spacing, and [pipeline] branch_steps = 13: the seed is still the same
+# (skipped), the branch stage made with 12 steps is refused.
+{ echo "; another comment"; sed 's/^branch_steps = 12$/branch_steps   =   13  ; more steps/' configs/tiny-pipeline.ini; } >"$TMP/cfg13.ini"
+env -u BAM_BRANCH_STEPS -u BAM_MIX_STEPS -u BAM_EVAL_TOKENS jobs/pipeline.sh "$TMP/cfg13.ini" --run "$TMP/a" >"$TMP/a5.log" 2>&1
+[[ $? != 0 ]] && grep -q "== seed: skipped" "$TMP/a5.log" && grep -q "experts/DONE was made from other inputs" "$TMP/a5.log" &&
+  grep -q "^  > steps = 13" "$TMP/a5.log"
+check "comments and [pipeline] keys leave the seed's checksum alone; pipeline.branch_steps = 13 refuses the 12-step experts" $?
+sed 's/^domains = code,math,legal$/domains = code,,math/' configs/tiny-pipeline.ini >"$TMP/cfgbad.ini"
+jobs/pipeline.sh "$TMP/cfgbad.ini" --run "$TMP/bad" >"$TMP/bad.log" 2>&1
+rc=$?
+[[ $rc == 2 && ! -e $TMP/bad ]] && grep -q "cfgbad.ini:[0-9]*: pipeline.domains 'code,,math' has an empty domain name" "$TMP/bad.log"
+check "a bad [pipeline] value is refused with file, line and key before anything runs" $?
+"$BAM" pretrain --config "$TMP/cfgbad.ini" --set "run.out_dir=$TMP/bad" >"$TMP/bad2.log" 2>&1
+[[ $? != 0 && ! -e $TMP/bad ]] && grep -q "pipeline.domains 'code,,math' has an empty domain name" "$TMP/bad2.log"
+check "bam itself validates the [pipeline] section" $?
+"${P[@]}" --run "$TMP/c" --stage bogus >"$TMP/c1.log" 2>&1
+[[ $? == 2 ]] && grep -q "unknown stage 'bogus'" "$TMP/c1.log"
+check "--stage bogus: refused, listing the stages" $?
+
 # 3. Killed during the branch stage, run again: completes with the uninterrupted results.
 setsid "${P[@]}" --run "$TMP/b" >"$TMP/b1.log" 2>&1 &
 PGID=$!
@@ -91,17 +120,25 @@ for _ in $(seq 100); do kill -0 -- -"$PGID" 2>/dev/null || break; sleep 0.1; don
 PGID=""
 [[ $in_branch == 0 && ! -e $TMP/b/experts/DONE && ! -e $TMP/b/results.csv ]]
 check "killed during the branch stage (before it finished)" $?
-"${P[@]}" --run "$TMP/b" >"$TMP/b2.log" 2>&1 &&
-  grep -q "== seed: skipped" "$TMP/b2.log" && grep -q "== branch: running" "$TMP/b2.log" &&
-  grep -q "resumed from $TMP/b/experts/code/ckpt/step-" "$TMP/b/experts/log.txt" &&
+"${P[@]}" --run "$TMP/b" --stage mix >"$TMP/b2.log" 2>&1
+[[ $? == 1 && ! -e $TMP/b/mix-btx ]] && grep -q "== seed: input ready" "$TMP/b2.log" &&
+  grep -q "stage 'branch' has not finished" "$TMP/b2.log" && grep -q -- "--stage branch" "$TMP/b2.log"
+check "--stage mix before the branch stage finished: refused, naming the branch stage" $?
+"${P[@]}" --run "$TMP/b" --stage branch >"$TMP/b3.log" 2>&1 &&
+  grep -q "== seed: input ready" "$TMP/b3.log" && grep -q "== branch: running" "$TMP/b3.log" &&
+  ! grep -q "== mix" "$TMP/b3.log" && [[ -e $TMP/b/experts/DONE && ! -e $TMP/b/mix-btx ]] &&
+  grep -q "resumed from $TMP/b/experts/code/ckpt/step-" "$TMP/b/experts/log.txt"
+check "--stage branch alone: the seed is an input, the code expert resumed, nothing after the branch ran" $?
+"${P[@]}" --run "$TMP/b" >"$TMP/b4.log" 2>&1 &&
+  grep -q "== seed: skipped" "$TMP/b4.log" && grep -q "== branch: skipped" "$TMP/b4.log" &&
   cmp "$TMP/b/results.csv" "$TMP/a/results.csv"
-check "run again: completes, seed skipped, the code expert resumed, results.csv equals the uninterrupted run's" $?
+check "then the rest: completes, seed and branch skipped, results.csv equals the uninterrupted run's" $?
 
 # 4. A stage made from other inputs is refused, not silently reused.
 BAM_BRANCH_STEPS=13 "${P[@]}" --run "$TMP/a" >"$TMP/a3.log" 2>&1
 [[ $? != 0 ]] && grep -q "experts/DONE was made from other inputs" "$TMP/a3.log"
 check "changed branch steps: the stale stage is refused with a clear message" $?
 
-for f in a1 a2 b1 b2 a3; do [[ $fail == 0 ]] || { echo "--- $f.log"; tail -20 "$TMP/$f.log"; }; done
+for f in a1 a2 a4 a5 bad c1 b1 b2 b3 b4 a3; do [[ $fail == 0 ]] || { echo "--- $f.log"; tail -20 "$TMP/$f.log"; }; done
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
