@@ -123,8 +123,10 @@ typedef struct {
   double comm_seconds;  /* wall seconds spent in the expert-parallel MPI calls, cumulative */
   /* 1: in every layer the attention branch and the FFN branch run at the same time on two
    * OpenMP threads (each branch's BLAS calls then single-threaded), the FFN's all-to-all
-   * exchanges overlapping the attention experts' compute; 0 (default): one after the other,
-   * each product on every thread. The two give the same results to float rounding (a
+   * exchanges overlapping the attention experts' compute; 0: one after the other, each
+   * product on every thread; -1 (default, auto): concurrently when there are two threads or
+   * more and the branches' forward FLOPs per token are within 1.5x (BTX; not BAM, whose Ea
+   * attention experts outweigh its FFN, so one thread would wait for the other). The two give the same results to float rounding (a
    * product on one thread may sum in another order); each is bitwise repeatable. */
   int concurrent_branches;
 } bam_mixture;

@@ -342,6 +342,7 @@ static bam_status create(bam_mixture **out, const bam_mixture_shape *shape, int 
   BAM_CHECK_GOTO(st, bam_alloc_checked((void **)&m->acts, sizeof *m->acts, "the activation table"),
                  fail);
   m->ep_comm = MPI_COMM_NULL;
+  m->concurrent_branches = -1;
   m->ep_size = 1;
   m->ep_rank = 0;
   m->comm_seconds = 0.0;
@@ -1251,6 +1252,24 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
 
 /* ---- forward and backward of the whole model ---- */
 
+/* Whether the two branches of a layer run at the same time (concurrent_branches; mixture.h):
+ * on needs two threads; auto (-1) also needs branches of similar cost, forward FLOPs per
+ * token within 1.5x of each other (method.md section 5), since each branch then has one
+ * thread: BTX's dense attention and its FFN, not BAM's Ea attention experts against one FFN. */
+static int branches_concurrent(const bam_mixture *m) {
+  if (m->concurrent_branches == 0 || omp_get_max_threads() < 2) return 0;
+  if (m->concurrent_branches > 0) return 1;
+  const bam_mixture_shape *s = &m->shape;
+  const double d = s->base.d_model, kvd = bam_kv_dim(&s->base), f = s->base.d_ff,
+               T = s->base.seq_len;
+  const double one = 4.0 * d * d + 2.0 * T * d, kv = 4.0 * d * kvd;
+  const double Ea = s->method == BAM_METHOD_BTX ? 1.0 : s->n_att_experts;
+  const double att = Ea * one + (s->method == BAM_METHOD_BAM ? Ea : 1.0) * kv;
+  const double ffn = (double)s->ffn_top_k * 6.0 * d * f;
+  const double ratio = att > ffn ? att / ffn : ffn / att;
+  return ratio <= 1.5;
+}
+
 bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int32_t *targets,
                                int B, int T, float *loss) {
   const bam_model_shape *s = &m->shape.base;
@@ -1278,6 +1297,7 @@ bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int3
   m->last_T = T;
 
   bam_embedding_forward(a->res, tokens, a->p.wte, N, d);
+  const int concurrent = branches_concurrent(m);
   double aux = 0.0;
   for (int l = 0; l < z.L; l++) {
     const layer_acts x = acts_of(m, &z, l);
@@ -1289,7 +1309,7 @@ bam_status bam_mixture_forward(bam_mixture *m, const int32_t *tokens, const int3
      * the FFN experts with their all-to-all exchanges (every MPI call on the main thread). */
     attention_forward_gather(m, &z, l, B, T);
     double aux_l = 0.0;
-    if (m->concurrent_branches) {
+    if (concurrent) {
 #pragma omp parallel num_threads(2)
       {
         const int tid = omp_get_thread_num();
@@ -1356,6 +1376,7 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
   const dims z = dims_m(m);
   const int B = m->last_B, T = m->last_T, N = B * T, d = z.d, V = z.V;
   const size_t nd = (size_t)N * d * sizeof(float);
+  const int concurrent = branches_concurrent(m);
 
   /* Token loss: d/dlogits = (softmax - onehot) grad_scale / n_valid, in place. */
   const float scale = a->n_valid > 0 ? grad_scale / (float)a->n_valid : 0.0f;
@@ -1372,7 +1393,7 @@ bam_status bam_mixture_backward(bam_mixture *m, float grad_scale) {
     /* x' = x + a + MoE: dres (= dx') flows into both branches and on into dx. */
     memset(a->dh, 0, nd);
     attention_backward_gather(m, &z, l, B, T);
-    if (m->concurrent_branches) {
+    if (concurrent) {
 #pragma omp parallel num_threads(2)
       {
         const int tid = omp_get_thread_num();
