@@ -8,7 +8,7 @@
 #                         FLOPs/token(method), rounded down; training FLOPs = 3 x forward) -> RUN/train-<method>-cm
 #   eval                  every model on general, every domain and the held-out reference domain
 #                         -> RUN/eval/<model>.txt (+ <model>.routing.csv for mixtures)
-#   report                RUN/report.md and RUN/results.csv: perplexity per domain, average, bits per
+#   report                RUN/report/ (bam report: report.md, results.csv, PNG figures): perplexity per domain, average, bits per
 #                         byte, steps, tokens and training FLOPs per model and per stage
 #
 # usage: jobs/pipeline.sh CONFIG [--run DIR] [--ranks N] [--branch-ranks N] [--stage NAME[,NAME...]]
@@ -489,93 +489,21 @@ max_tokens = $EVAL_TOKENS"
 
 # ---- report -------------------------------------------------------------------------------------
 stage_report() {
-  local expect spec name ckpt kind method budget
+  local expect rc=0
   expect="stage = report
 $(cat "$EV/DONE")"
   stage_skip report report "$REP" "$expect" && return 0
-  mkdir -p "$REP"
-  # one line per model: name kind method budget steps tokens flops_per_token_forward
-  # (tokens_seen counts the model's own stage: experts and mixtures start from 0)
-  : >"$REP/models.txt"
-  for spec in "${MODELS[@]}"; do
-    IFS='|' read -r name ckpt kind <<<"$spec"
-    method=dense budget=-
-    [[ $kind == mixture ]] && method=${name%-*} budget=${name##*-}
-    echo "$name $kind $method $budget $(inspect_value "$ckpt" step) $(inspect_value "$ckpt" tokens)" \
-      "$(inspect_value "$ckpt" flops_per_token_forward)" >>"$REP/models.txt"
-  done
-  "$PY" - "$REP/models.txt" "$EV" "$EVAL_DOMAINS" "$DOMAINS" "$RUN" <<'PY'
-import math, os, sys
-models_file, ev, eval_domains, domains, run = sys.argv[1:6]
-eval_domains = eval_domains.split(",")
-# the paper's average: general + the experts' domains (those evaluated; else every domain evaluated)
-avg_domains = [d for d in ["general"] + domains.split(",") if d in eval_domains] or eval_domains
-rows = []
-for line in open(models_file):
-    name, kind, method, budget, step, tokens, fpt = line.split()
-    spent, fpt = int(tokens), float(fpt)
-    res = {}
-    for l in open(os.path.join(ev, name + ".txt")):
-        f = l.split()
-        if len(f) >= 5 and f[0] in eval_domains:
-            try:
-                res[f[0]] = (float(f[3]), float(f[4]))  # perplexity, bits per byte
-            except ValueError:
-                pass
-    missing = [d for d in eval_domains if d not in res]
-    if missing:
-        sys.exit(f"report: {ev}/{name}.txt has no result for {','.join(missing)}")
-    rows.append(dict(name=name, kind=kind, method=method, budget=budget, steps=int(step),
-                     tokens=spent, fpt=fpt, flops=3.0 * fpt * spent, res=res))
-
-def avg(vals):
-    return sum(vals) / len(vals)
-
-header = (["model", "kind", "method", "budget", "steps", "tokens", "flops_per_token_forward", "train_flops"]
-          + [f"ppl_{d}" for d in eval_domains] + ["ppl_avg"]
-          + [f"bpb_{d}" for d in eval_domains] + ["bpb_avg"])
-with open(os.path.join(run, "results.csv.tmp"), "w") as f:
-    f.write(",".join(header) + "\n")
-    for r in rows:
-        ppl = [r["res"][d][0] for d in eval_domains]
-        bpb = [r["res"][d][1] for d in eval_domains]
-        vals = ([r["name"], r["kind"], r["method"], r["budget"], str(r["steps"]), str(r["tokens"]),
-                 f"{r['fpt']:.0f}", f"{r['flops']:.4e}"]
-                + [f"{v:.2f}" for v in ppl] + [f"{avg([r['res'][d][0] for d in avg_domains]):.2f}"]
-                + [f"{v:.4f}" for v in bpb] + [f"{avg([r['res'][d][1] for d in avg_domains]):.4f}"])
-        f.write(",".join(vals) + "\n")
-os.replace(os.path.join(run, "results.csv.tmp"), os.path.join(run, "results.csv"))
-
-stages = {}
-for r in rows:
-    st = {"seed": "1. seed (pretrain)", "expert": "2. branch (all experts)"}.get(
-        r["kind"], "4. train " + r["name"])
-    t, fl = stages.get(st, (0, 0.0))
-    stages[st] = (t + r["tokens"], fl + r["flops"])
-md = ["# BTX versus BAM: results", "",
-      "Perplexity per validation domain (lower is better); Avg over general and the experts' "
-      "domains (" + ", ".join(avg_domains) + ") as in the paper's table; `reference` is held out "
-      "(no expert saw it). Bits per byte averaged over the same domains. DM = data-matched "
-      "(BTX's tokens), CM = compute-matched (BTX's training FLOPs). Tokens and FLOPs are those "
-      "the model's own stage spent (training FLOPs = 3 x forward FLOPs/token x tokens).", "",
-      "| model | " + " | ".join(eval_domains) + " | Avg | bits/B | steps | tokens | train FLOPs |",
-      "|---|" + "---|" * (len(eval_domains) + 5)]
-for r in rows:
-    md.append(f"| {r['name']} | " + " | ".join(f"{r['res'][d][0]:.2f}" for d in eval_domains)
-              + f" | {avg([r['res'][d][0] for d in avg_domains]):.2f}"
-              + f" | {avg([r['res'][d][1] for d in avg_domains]):.4f}"
-              + f" | {r['steps']} | {r['tokens']} | {r['flops']:.3e} |")
-md += ["", "Spent per stage:", "", "| stage | tokens | training FLOPs |", "|---|---|---|"]
-for st, (t, fl) in stages.items():
-    md.append(f"| {st} | {t} | {fl:.3e} |")
-total = sum(fl for _, fl in stages.values())
-md += [f"| total | {sum(t for t, _ in stages.values())} | {total:.3e} |", "",
-       "Per model: eval/<model>.txt (loss, perplexity, bits per byte per domain); mixtures' "
-       "routing in eval/<model>.routing.csv.", ""]
-with open(os.path.join(run, "report.md.tmp"), "w") as f:
-    f.write("\n".join(md))
-os.replace(os.path.join(run, "report.md.tmp"), os.path.join(run, "report.md"))
-PY
+  # a folder `bam report` did not make (an older pipeline's) is replaced, not merged into
+  [[ -d $REP && ! -f $REP/.bam-report ]] && rm -rf "$REP"
+  # the study's report from the artifacts alone (docs/report.md): report.md, results.csv,
+  # figures; exit 3 means the Markdown and CSV are written but a figure could not be drawn
+  "$BAM" report "$RUN" --out "$REP" || rc=$?
+  if [[ $rc == 3 ]]; then
+    log "report: written without some figures (is gnuplot installed? jobs/setup.sh installs it)"
+  elif [[ $rc != 0 ]]; then
+    echo "pipeline: bam report $RUN failed (exit $rc)" >&2
+    exit 1
+  fi
   stage_done "$REP" "$expect"
 }
 
@@ -593,8 +521,8 @@ for s in "${ALL_STAGES[@]}"; do
   esac
 done
 if [[ -n ${SELECTED[report]:-} ]]; then
-  log "done: $RUN/report.md, $RUN/results.csv"
-  cat "$RUN/report.md"
+  log "done: $REP/report.md, $REP/results.csv, figures in $REP"
+  cat "$REP/report.md"
 else
   log "done: $(for s in "${ALL_STAGES[@]}"; do [[ -n ${SELECTED[$s]:-} ]] && printf '%s ' "$s"; done)in $RUN"
 fi

@@ -58,4 +58,4 @@ else
 fi
 echo "== a sample from the BAM mixture (data-matched)"
 build/bam generate --checkpoint "$RUN/train-bam-dm/ckpt" --prompt "The President said that" --tokens 48 --seed 1
-echo "== quickstart done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s: $RUN/report.md, $RUN/results.csv"
+echo "== quickstart done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s: $RUN/report/report.md, $RUN/report/results.csv"

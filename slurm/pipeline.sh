@@ -161,7 +161,7 @@ echo "slurm/pipeline: $CONFIG -> $RUN: ${#IDS[@]} jobs submitted"
 for i in "${!STAGES[@]}"; do printf '  %-24s %s\n' "${STAGES[i]}" "${IDS[i]}"; done
 echo "  follow:  squeue -j $ALL"
 echo "           sacct -j $ALL -X -o JobID,JobName%28,State,Start,End,Elapsed,ExitCode   (with accounting)"
-echo "  logs:    $LOGS/<stage>-<jobid>.out; result: $RUN/report.md"
+echo "  logs:    $LOGS/<stage>-<jobid>.out; result: $RUN/report/report.md"
 echo "  cancel:  scancel ${IDS[*]}"
 ((WAIT)) || exit 0
 
@@ -211,5 +211,5 @@ while :; do
   fi
   sleep 2
 done
-echo "slurm/pipeline: the chain finished in $((SECONDS - t0))s: $RUN/report.md, $RUN/results.csv"
-cat "$RUN/report.md"
+echo "slurm/pipeline: the chain finished in $((SECONDS - t0))s: $RUN/report/report.md, $RUN/report/results.csv"
+cat "$RUN/report/report.md"

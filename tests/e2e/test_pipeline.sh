@@ -29,7 +29,7 @@ DOMAINS=(general code math legal reference)
 check "the pipeline runs to the end" $?
 missing=0
 for f in seed/ckpt/latest experts/code/ckpt/latest experts/math/ckpt/latest experts/legal/ckpt/latest \
-  mix-btx/ckpt/latest mix-bam/ckpt/latest mix-bam-shared-kv/ckpt/latest report.md results.csv; do
+  mix-btx/ckpt/latest mix-bam/ckpt/latest mix-bam-shared-kv/ckpt/latest report/report.md report/results.csv report/loss-stages.png; do
   [[ -e $TMP/a/$f ]] || { echo "     missing $f"; missing=1; }
 done
 for s in seed experts mix-btx mix-bam mix-bam-shared-kv train-btx-dm train-bam-dm train-bam-cm \
@@ -45,20 +45,20 @@ done
 check "every stage's output, DONE marker, eval output and routing csv exists" $missing
 
 bad=0
-header=$(grep '^| model |' "$TMP/a/report.md")
+header=$(grep '^| model |' "$TMP/a/report/report.md")
 for d in "${DOMAINS[@]}" Avg bits/B tokens "train FLOPs"; do
   grep -qF "| $d |" <<<"$header" || { echo "     report.md: no column $d"; bad=1; }
 done
 for m in "${MODELS[@]}"; do
-  n=$(grep -c "^| $m |" "$TMP/a/report.md")
+  n=$(grep -c "^| $m |" "$TMP/a/report/report.md")
   [[ $n == 1 ]] || { echo "     report.md: $n rows for $m"; bad=1; }
-  [[ $(grep -c "^$m," "$TMP/a/results.csv") == 1 ]] || { echo "     results.csv: no row $m"; bad=1; }
+  [[ $(grep -c "^$m," "$TMP/a/report/results.csv") == 1 ]] || { echo "     results.csv: no row $m"; bad=1; }
 done
-cols=$(head -1 "$TMP/a/results.csv" | tr , '\n' | grep -c '^ppl_')
+cols=$(head -1 "$TMP/a/report/results.csv" | tr , '\n' | grep -c '^ppl_')
 [[ $cols == 6 ]] || { echo "     results.csv: $cols perplexity columns"; bad=1; }
 check "report.md has a row per model and a column per domain; results.csv likewise" $bad
 
-steps() { awk -F, -v m="$1" '$1 == m { print $5 }' "$TMP/a/results.csv"; }
+steps() { awk -F, -v m="$1" '$1 == m { print $5 }' "$TMP/a/report/results.csv"; }
 btx=$(steps btx-dm) bam_dm=$(steps bam-dm) bam_cm=$(steps bam-cm) skv_cm=$(steps bam-shared-kv-cm)
 echo "     steps: btx $btx, bam dm $bam_dm, bam cm $bam_cm, bam-shared-kv cm $skv_cm"
 [[ $btx == 10 && $bam_dm == 10 && $bam_cm -ge 1 && $bam_cm -lt $btx && $skv_cm -lt $btx && $bam_cm -le $skv_cm ]]
@@ -73,18 +73,18 @@ echo "     forward FLOPs/token: dense $f_dense, btx $f_btx, bam $f_bam"
 check "bam inspect prints flops_per_token_forward; CM steps follow from it" $?
 
 # 2. Run again: every stage skipped, results byte-identical.
-cp "$TMP/a/results.csv" "$TMP/a-results.csv"
+cp "$TMP/a/report/results.csv" "$TMP/a-results.csv"
 "${P[@]}" --run "$TMP/a" >"$TMP/a2.log" 2>&1
 rc=$?
 n_skipped=$(grep -c ': skipped (done' "$TMP/a2.log")
 echo "     second run: $n_skipped stages skipped, $(grep -c ': running' "$TMP/a2.log") run"
-[[ $rc == 0 && $n_skipped == 12 ]] && ! grep -q ': running' "$TMP/a2.log" && cmp -s "$TMP/a/results.csv" "$TMP/a-results.csv"
+[[ $rc == 0 && $n_skipped == 12 ]] && ! grep -q ': running' "$TMP/a2.log" && cmp -s "$TMP/a/report/results.csv" "$TMP/a-results.csv"
 check "second run: every stage skipped, results.csv byte-identical" $?
 
 # 2b. The config's [pipeline] section (branch_steps 12, mix_steps 10, eval_tokens 1024) without
 # the environment: the same run, every stage skipped.
 env -u BAM_BRANCH_STEPS -u BAM_MIX_STEPS -u BAM_EVAL_TOKENS "${P[@]}" --run "$TMP/a" >"$TMP/a4.log" 2>&1
-[[ $? == 0 && $(grep -c ': skipped (done' "$TMP/a4.log") == 12 ]] && cmp -s "$TMP/a/results.csv" "$TMP/a-results.csv"
+[[ $? == 0 && $(grep -c ': skipped (done' "$TMP/a4.log") == 12 ]] && cmp -s "$TMP/a/report/results.csv" "$TMP/a-results.csv"
 check "the config's [pipeline] section alone (no BAM_*_STEPS): every stage skipped, same results" $?
 # Another comment and spacing, and [pipeline] branch_steps = 13: the seed is still the same
 # (skipped), the branch stage made with 12 steps is refused.
@@ -118,7 +118,7 @@ kill -TERM -- -"$PGID" 2>/dev/null
 wait "$PGID" 2>/dev/null
 for _ in $(seq 100); do kill -0 -- -"$PGID" 2>/dev/null || break; sleep 0.1; done
 PGID=""
-[[ $in_branch == 0 && ! -e $TMP/b/experts/DONE && ! -e $TMP/b/results.csv ]]
+[[ $in_branch == 0 && ! -e $TMP/b/experts/DONE && ! -e $TMP/b/report/results.csv ]]
 check "killed during the branch stage (before it finished)" $?
 "${P[@]}" --run "$TMP/b" --stage mix >"$TMP/b2.log" 2>&1
 [[ $? == 1 && ! -e $TMP/b/mix-btx ]] && grep -q "== seed: input ready" "$TMP/b2.log" &&
@@ -131,7 +131,7 @@ check "--stage mix before the branch stage finished: refused, naming the branch 
 check "--stage branch alone: the seed is an input, the code expert resumed, nothing after the branch ran" $?
 "${P[@]}" --run "$TMP/b" >"$TMP/b4.log" 2>&1 &&
   grep -q "== seed: skipped" "$TMP/b4.log" && grep -q "== branch: skipped" "$TMP/b4.log" &&
-  cmp "$TMP/b/results.csv" "$TMP/a/results.csv"
+  cmp "$TMP/b/report/results.csv" "$TMP/a/report/results.csv"
 check "then the rest: completes, seed and branch skipped, results.csv equals the uninterrupted run's" $?
 
 # 4. A stage made from other inputs is refused, not silently reused.

@@ -174,7 +174,7 @@ fi
 # ---- 5. Artifacts, report, equality with the local run.
 missing=0
 for f in seed/ckpt/latest experts/code/ckpt/latest experts/math/ckpt/latest experts/legal/ckpt/latest \
-  mix-btx/ckpt/latest mix-bam/ckpt/latest mix-bam-shared-kv/ckpt/latest report.md results.csv; do
+  mix-btx/ckpt/latest mix-bam/ckpt/latest mix-bam-shared-kv/ckpt/latest report/report.md report/results.csv; do
   [[ -e $S/$f ]] || { echo "     missing $f"; missing=1; }
 done
 for d in seed experts mix-btx mix-bam mix-bam-shared-kv eval report; do
@@ -192,12 +192,12 @@ done
 check "every artifact, DONE marker, eval output, routing CSV and stage log (logs/<stage>-<jobid>.out)" $missing
 bad=0
 for m in "${MODELS[@]}"; do
-  [[ $(grep -c "^| $m |" "$S/report.md") == 1 && $(grep -c "^$m," "$S/results.csv") == 1 ]] ||
+  [[ $(grep -c "^| $m |" "$S/report/report.md") == 1 && $(grep -c "^$m," "$S/report/results.csv") == 1 ]] ||
     { echo "     no single row for $m"; bad=1; }
 done
 check "report.md and results.csv: one row per model (${#MODELS[@]})" $bad
 
-cmp "$S/results.csv" "$TMP/local/results.csv"
+cmp "$S/report/results.csv" "$TMP/local/report/results.csv"
 check "results.csv of the chain equals the local run's byte for byte" $?
 bad=0
 for m in "${MODELS[@]}"; do
