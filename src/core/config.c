@@ -65,6 +65,8 @@ static const key_def KEYS[] = {
     {"mixture", "capacity_factor", K_FLOAT, F(capacity_factor), 0, 64, "0: dropless"},
     {"mixture", "freeze_experts", K_BOOL, F(freeze_experts), 0, 1, "train routers and shared tensors only"},
     {"mixture", "ep", K_INT, F(ep), 1, 4096, "expert-parallel group size"},
+    {"mixture", "concurrent_branches", K_INT, F(concurrent_branches), -1, 1,
+     "attention and FFN branches at once on two threads: 1 on, 0 off, -1 auto (when balanced)"},
     {"ckpt", "every", K_INT, F(ckpt_every), 0, 1e9, "steps between checkpoints (0: end only)"},
     {"ckpt", "keep", K_INT, F(ckpt_keep), 1, 1000, "checkpoints kept under <out_dir>/ckpt"},
     {"run", "out_dir", K_STR, F(out_dir), 0, 0, "where checkpoints and logs go"},
@@ -119,6 +121,7 @@ void bam_config_defaults(bam_config *c) {
   c->capacity_factor = 0;
   c->freeze_experts = 0;
   c->ep = 1;
+  c->concurrent_branches = -1;
   c->ckpt_every = 0;
   c->ckpt_keep = 2;
   bam_strlcpy(c->out_dir, "runs/default", sizeof c->out_dir);

@@ -44,6 +44,7 @@ bam_status bam_net_create_ep(bam_net *n, const bam_config *cfg, int max_batch, M
     bam_mixture_shape s;
     BAM_CHECK(bam_mixture_shape_from_config(cfg, &s));
     BAM_CHECK(bam_mixture_create_sharded(&n->mix, &s, max_batch, ep_comm));
+    n->mix->concurrent_branches = cfg->concurrent_branches;
   }
   views(n);
   return BAM_OK;
