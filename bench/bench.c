@@ -2,14 +2,21 @@
  * mixtures against the machine's sgemm ceiling.
  *
  *   build/bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
- *                   [--experts E] [--batch B] [--steps N] [--threads T]
+ *                   [--experts E] [--batch B] [--steps N] [--warmup W] [--threads T]
+ *                   [--ranks R]
  *
  * Prints one JSON line per measurement: first the cblas_sgemm GFLOP/s on square 2048 and on
  * each matrix shape the model's training step uses, then, per model kind and shape, the
  * median training-step time over N timed steps (after 2 warm-up steps), tokens/s, model FLOP/s
  * (3 x forward FLOPs per token, method.md section 5, only the experts a token uses), its share
  * of the best sgemm rate, and the peak resident memory of the process so far (VmHWM).
- * Random tokens: throughput does not depend on the data. */
+ * Random tokens: throughput does not depend on the data.
+ *
+ * --steps 0 times nothing: after the sgemm lines it prints, per case, the parameter count and
+ * the memory the state needs (bench/compare.sh uses it for the rows of the trainer). With
+ * --ranks R (only with --steps 0) that need is per rank of R data-parallel ranks as
+ * `bam pretrain` / `bam train` hold it: parameters and gradients whole, AdamW moments 1/R,
+ * activations of the local batch B/R. */
 #include <cblas.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -34,6 +41,8 @@ static double peak_rss_mib(void) {
   if (f) fclose(f);
   return kib / 1024.0;
 }
+
+#define MAX_STEPS 64
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -63,21 +72,28 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
 
 int main(int argc, char **argv) {
   const char *which = "all", *kinds = "all";
-  int steps = 5, batch = 0, experts = 4;
+  int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
     else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--kind")) kinds = argv[i + 1];
     else if (!strcmp(argv[i], "--experts")) experts = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--ranks")) ranks = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
     else {
       fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all] "
-              "[--experts E] [--steps N] [--batch B] [--threads T]\n");
+              "[--experts E] [--steps N] [--warmup W] [--batch B] [--threads T] [--ranks R]\n");
       return 2;
     }
   }
-  if (steps < 1 || steps > 15) steps = 5;
+  if (steps < 0 || steps > MAX_STEPS) steps = 5;
+  if (warmup < 0 || warmup > 10) warmup = 2;
+  if (ranks < 1 || (ranks > 1 && steps > 0)) {
+    fprintf(stderr, "bam-bench: --ranks R > 1 only with --steps 0 (the state per rank)\n");
+    return 2;
+  }
   const int threads = omp_get_max_threads();
   bench_case cases[] = {
       {"quick", {4, 256, 4, 4, 512, 4096, 256, 0, 10000.0f, 1e-5f}, 16},
@@ -89,6 +105,10 @@ int main(int argc, char **argv) {
     bench_case *bc = &cases[c];
     if (strcmp(which, "all") && strcmp(which, bc->name)) continue;
     if (batch > 0) bc->batch = batch;
+    if (bc->batch % ranks) {
+      fprintf(stderr, "bam-bench: batch %d is not divisible by %d ranks\n", bc->batch, ranks);
+      return 2;
+    }
     const bam_model_shape *s = &bc->shape;
     const int T = s->seq_len, B = bc->batch, N = B * T;
     /* The products of a training step: projections, FFN, head (forward shapes). */
@@ -113,9 +133,22 @@ int main(int argc, char **argv) {
         cfg.n_att_experts = k == 1 ? 0 : experts;
       }
       bam_net net;
-      if (bam_net_create(&net, &cfg, B) != BAM_OK) {
+      if (bam_net_create(&net, &cfg, B / ranks) != BAM_OK) {
         fprintf(stderr, "bam-bench: %s\n", bam_error_message());
         return 1;
+      }
+      if (steps == 0) {
+        /* what the state needs per rank: params, grads, the rank's AdamW slice, activations */
+        double need = ((2.0 + 2.0 / ranks) * net.n_params * sizeof(float) + (double)net.act_bytes) /
+                      (1024.0 * 1024.0);
+        printf("{\"kind\":\"%s\",\"shape\":\"%s\",\"ranks\":%d,\"threads\":%d,\"batch\":%d,"
+               "\"seq_len\":%d,\"experts\":%d,\"params\":%zu,\"sgemm_ceiling_gflops\":%.1f,"
+               "\"state_mib\":%.0f}\n",
+               kind_names[k], bc->name, ranks, threads, B, T, k ? experts : 1, net.n_params, ceiling,
+               need);
+        fflush(stdout);
+        bam_net_free(&net);
+        continue;
       }
       bam_net_init(&net, 1, 0.02f);
       float *am = bam_alloc(net.n_params * sizeof(float)), *av = bam_alloc(net.n_params * sizeof(float));
@@ -125,8 +158,8 @@ int main(int argc, char **argv) {
       for (int i = 0; i < N; i++) x[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
       for (int i = 0; i < N; i++) y[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
       const bam_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f};
-      double t[16];
-      for (int r = -2; r < steps; r++) {
+      double t[MAX_STEPS];
+      for (int r = -warmup; r < steps; r++) {
         double t0 = bam_now();
         float loss;
         bam_net_zero_grad(&net);
@@ -135,7 +168,7 @@ int main(int argc, char **argv) {
           return 1;
         }
         bam_clip_grad(net.grads, net.n_params, 1.0);
-        bam_adamw_step(net.params, net.grads, am, av, net.tensors, net.n_tensors, 1e-4f, &hp, r + 3);
+        bam_adamw_step(net.params, net.grads, am, av, net.tensors, net.n_tensors, 1e-4f, &hp, r + warmup + 1);
         if (r >= 0) t[r] = bam_now() - t0;
       }
       double dt = median(t, steps);
