@@ -26,6 +26,7 @@ typedef struct {
   /* [train] */
   int steps;
   int batch_size;         /* global sequences per micro-batch (split over ranks) */
+  int concurrent_branches; /* block branches on two threads: 1, 0, -1 auto (model.h, mixture.h) */
   int grad_accum;         /* micro-batches per optimizer step */
   float lr;               /* peak learning rate */
   int warmup_steps;
@@ -51,7 +52,6 @@ typedef struct {
   float capacity_factor;  /* 0: dropless */
   int freeze_experts;     /* train routers and shared tensors only */
   int ep;                 /* expert-parallel group size */
-  int concurrent_branches; /* mixture branches on two threads: 1, 0, -1 auto (mixture.h) */
   /* [ckpt] */
   int ckpt_every;         /* steps between checkpoints; 0: only the final one */
   int ckpt_keep;          /* checkpoints kept (older ones pruned) */

@@ -87,6 +87,12 @@ typedef struct {
   float *rope_cos, *rope_sin; /* (seq_len, hd/2) */
   int last_B, last_T;     /* shape of the last forward, for backward */
   float last_loss;        /* mean token loss of the last forward (when targets given) */
+  /* 1: the attention and FFN branches of each block run at the same time on two OpenMP
+   * threads (each branch's products then single-threaded); 0: one after the other, every
+   * product on every thread; -1 (default, auto): concurrently when there are two threads or
+   * more (the branches' FLOPs are within 1.5x: they balance). The same results to float
+   * rounding; each mode bitwise repeatable. */
+  int concurrent_branches;
 } bam_model;
 
 /* Allocate parameters, gradients and activations for batches of up to max_batch sequences

@@ -47,6 +47,8 @@ static const key_def KEYS[] = {
     {"train", "beta2", K_FLOAT, F(beta2), 0, 0.999999, "AdamW beta2"},
     {"train", "eps", K_FLOAT, F(adam_eps), 0, 1, "AdamW epsilon"},
     {"train", "grad_clip", K_FLOAT, F(grad_clip), 0, 1e9, "max gradient norm; 0 disables"},
+    {"train", "concurrent_branches", K_INT, F(concurrent_branches), -1, 1,
+     "attention and FFN branches at once on two threads: 1 on, 0 off, -1 auto (when balanced)"},
     {"train", "seed", K_I64, F(seed), 0, 9.2e18, "seeds init and data order"},
     {"train", "log_every", K_INT, F(log_every), 1, 1e9, "steps between progress lines"},
     {"eval", "every", K_INT, F(eval_every), 0, 1e9, "steps between evaluations (0: end only)"},
@@ -65,8 +67,7 @@ static const key_def KEYS[] = {
     {"mixture", "capacity_factor", K_FLOAT, F(capacity_factor), 0, 64, "0: dropless"},
     {"mixture", "freeze_experts", K_BOOL, F(freeze_experts), 0, 1, "train routers and shared tensors only"},
     {"mixture", "ep", K_INT, F(ep), 1, 4096, "expert-parallel group size"},
-    {"mixture", "concurrent_branches", K_INT, F(concurrent_branches), -1, 1,
-     "attention and FFN branches at once on two threads: 1 on, 0 off, -1 auto (when balanced)"},
+
     {"ckpt", "every", K_INT, F(ckpt_every), 0, 1e9, "steps between checkpoints (0: end only)"},
     {"ckpt", "keep", K_INT, F(ckpt_keep), 1, 1000, "checkpoints kept under <out_dir>/ckpt"},
     {"run", "out_dir", K_STR, F(out_dir), 0, 0, "where checkpoints and logs go"},

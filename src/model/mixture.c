@@ -1257,7 +1257,7 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
  * token within 1.5x of each other (method.md section 5), since each branch then has one
  * thread: BTX's dense attention and its FFN, not BAM's Ea attention experts against one FFN. */
 static int branches_concurrent(const bam_mixture *m) {
-  if (m->concurrent_branches == 0 || omp_get_max_threads() < 2) return 0;
+  if (m->concurrent_branches == 0 || omp_get_max_threads() < 2 || omp_in_parallel()) return 0;
   if (m->concurrent_branches > 0) return 1;
   const bam_mixture_shape *s = &m->shape;
   const double d = s->base.d_model, kvd = bam_kv_dim(&s->base), f = s->base.d_ff,

@@ -16,6 +16,7 @@
  * start-up (act_bytes). */
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "bam/kernels.h"
@@ -55,6 +56,7 @@ struct bam_acts {
   float *dk;      /* (BT, kvd) */
   float *dv;      /* (BT, kvd) */
   float *datt;    /* (BT, d) */
+  float *dh_att;  /* (BT, d) the attention branch's part of dh (summed into dh after) */
   float *dgate;   /* (BT, f) */
   float *dup;     /* (BT, f) */
   float *dswi;    /* (BT, f) */
@@ -108,6 +110,7 @@ static size_t act_layout(bam_acts *a, const bam_model_shape *s, size_t B, char *
   SLOT(dup, BT * f);
   SLOT(dswi, BT * f);
   SLOT(dscores, att);
+  SLOT(dh_att, BT * d);
 #undef SLOT
   return off;
 }
@@ -127,6 +130,7 @@ bam_status bam_model_create(bam_model **out, const bam_model_shape *shape, int m
   BAM_CHECK(bam_alloc_checked((void **)&m, sizeof *m, "the model struct"));
   m->shape = *shape;
   m->max_batch = max_batch;
+  m->concurrent_branches = -1;
   m->n_tensors = bam_model_tensors(shape, m->tensors, &m->n_params);
 
   const size_t param_bytes = m->n_params * sizeof(float);
@@ -231,6 +235,13 @@ static layer_acts acts_of(const bam_model *m, int l) {
   };
 }
 
+/* concurrent_branches resolved: auto needs two threads (a dense block's attention and FFN
+ * balance: 8d^2 + 2Td against 6df at the shapes this project trains). A parallel region with
+ * an if clause that is false runs on one thread as if it were not there. */
+static int branches_concurrent(const bam_model *m) {
+  return m->concurrent_branches != 0 && omp_get_max_threads() >= 2 && !omp_in_parallel();
+}
+
 bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int T, float *loss) {
   const bam_model_shape *s = &m->shape;
@@ -260,24 +271,32 @@ bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t 
   m->last_T = T;
 
   bam_embedding_forward(a->res, tokens, m->params.wte, BT, d);
+  const int concurrent = branches_concurrent(m);
   for (int l = 0; l < s->n_layers; l++) {
     layer_params w = layer_of(&m->params, s, l);
     layer_acts x = acts_of(m, l);
     bam_layernorm_forward(x.h, x.mean, x.rstd, x.x, w.ln, BT, d, s->norm_eps);
-    /* attention branch */
-    bam_matmul_forward(x.q, x.h, w.wq, BT, d, d);
-    bam_matmul_forward(x.k, x.h, w.wk, BT, d, kvd);
-    bam_matmul_forward(x.v, x.h, w.wv, BT, d, kvd);
-    bam_rope_forward(x.q, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
-    bam_rope_forward(x.k, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
-    bam_attention_forward(x.att, x.probs, x.q, x.k, x.v, B, T, H, Hkv, hd);
-    bam_matmul_forward(x.x_next, x.att, w.wo, BT, d, d); /* a, summed below */
-    /* FFN branch, reading the same h (parallel block) */
-    bam_matmul_forward(x.gate, x.h, w.w_gate, BT, d, f);
-    bam_matmul_forward(x.up, x.h, w.w_up, BT, d, f);
-    bam_swiglu_forward(x.swi, x.gate, x.up, (long)BT * f);
     float *ffn_out = a->dh; /* backward scratch, free during the forward pass */
-    bam_matmul_forward(ffn_out, x.swi, w.w_down, BT, f, d);
+    /* The two branches read h and write apart: concurrently, one thread each. */
+#pragma omp parallel num_threads(2) if (concurrent)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      if (tid == 1 || nt == 1) { /* attention branch */
+        bam_matmul_forward(x.q, x.h, w.wq, BT, d, d);
+        bam_matmul_forward(x.k, x.h, w.wk, BT, d, kvd);
+        bam_matmul_forward(x.v, x.h, w.wv, BT, d, kvd);
+        bam_rope_forward(x.q, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
+        bam_rope_forward(x.k, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
+        bam_attention_forward(x.att, x.probs, x.q, x.k, x.v, B, T, H, Hkv, hd);
+        bam_matmul_forward(x.x_next, x.att, w.wo, BT, d, d); /* a, summed below */
+      }
+      if (tid == 0) { /* FFN branch, reading the same h (parallel block) */
+        bam_matmul_forward(x.gate, x.h, w.w_gate, BT, d, f);
+        bam_matmul_forward(x.up, x.h, w.w_up, BT, d, f);
+        bam_swiglu_forward(x.swi, x.gate, x.up, (long)BT * f);
+        bam_matmul_forward(ffn_out, x.swi, w.w_down, BT, f, d);
+      }
+    }
     /* x' = x + a + f (element-wise: the order of evaluation is fixed, thread-independent) */
     const long n = (long)BT * d;
     float *xn = x.x_next;
@@ -332,6 +351,7 @@ bam_status bam_model_backward(bam_model *m, float grad_scale) {
 
   /* d(loss)/d(logits) = (softmax - onehot) / n_valid per valid row, times grad_scale.
    * The fused kernel overwrites the logits with it: no second (BT, V) buffer. */
+  const int concurrent = branches_concurrent(m);
   const float scale = a->n_valid > 0 ? grad_scale / (float)a->n_valid : 0.0f;
   bam_crossentropy_fused_inplace(a->logits, a->losses, a->targets, scale, BT, V);
   const float *dlogits = a->logits;
@@ -351,29 +371,45 @@ bam_status bam_model_backward(bam_model *m, float grad_scale) {
     layer_acts x = acts_of(m, l);
     /* x' = x + a + f: dres (= dx') flows unchanged into both branches and into dx. */
     const float *dy = a->dres;
-    /* FFN branch: f = s Wdown^T, s = silu(gate) * up, gate = h Wgate^T, up = h Wup^T */
-    memset(a->dswi, 0, nf);
-    bam_matmul_backward(a->dswi, g.w_down, dy, x.swi, w.w_down, BT, f, d);
-    memset(a->dgate, 0, nf);
-    memset(a->dup, 0, nf);
-    bam_swiglu_backward(a->dgate, a->dup, a->dswi, x.gate, x.up, (long)BT * f);
-    memset(a->dh, 0, nd);
-    bam_matmul_backward(a->dh, g.w_gate, a->dgate, x.h, w.w_gate, BT, d, f);
-    bam_matmul_backward(a->dh, g.w_up, a->dup, x.h, w.w_up, BT, d, f);
-    /* Attention branch: a = att Wo^T, att = attention(rope(q), rope(k), v) */
-    memset(a->datt, 0, nd);
-    bam_matmul_backward(a->datt, g.wo, dy, x.att, w.wo, BT, d, d);
-    memset(a->dq, 0, nd);
-    memset(a->dk, 0, nkv);
-    memset(a->dv, 0, nkv);
-    bam_attention_backward(a->dq, a->dk, a->dv, a->dscores, a->datt, x.probs, x.q, x.k, x.v, B, T,
-                           H, Hkv, hd);
-    /* The saved q, k are post-RoPE; rotate their gradients back to the pre-RoPE frame. */
-    bam_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
-    bam_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
-    bam_matmul_backward(a->dh, g.wq, a->dq, x.h, w.wq, BT, d, d);
-    bam_matmul_backward(a->dh, g.wk, a->dk, x.h, w.wk, BT, d, kvd);
-    bam_matmul_backward(a->dh, g.wv, a->dv, x.h, w.wv, BT, d, kvd);
+#pragma omp parallel num_threads(2) if (concurrent)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      if (tid == 0) {
+        /* FFN branch: f = s Wdown^T, s = silu(gate) * up, gate = h Wgate^T, up = h Wup^T */
+        memset(a->dswi, 0, nf);
+        bam_matmul_backward(a->dswi, g.w_down, dy, x.swi, w.w_down, BT, f, d);
+        memset(a->dgate, 0, nf);
+        memset(a->dup, 0, nf);
+        bam_swiglu_backward(a->dgate, a->dup, a->dswi, x.gate, x.up, (long)BT * f);
+        memset(a->dh, 0, nd);
+        bam_matmul_backward(a->dh, g.w_gate, a->dgate, x.h, w.w_gate, BT, d, f);
+        bam_matmul_backward(a->dh, g.w_up, a->dup, x.h, w.w_up, BT, d, f);
+      }
+      if (tid == 1 || nt == 1) {
+        /* Attention branch: a = att Wo^T, att = attention(rope(q), rope(k), v), its dh apart */
+        memset(a->datt, 0, nd);
+        bam_matmul_backward(a->datt, g.wo, dy, x.att, w.wo, BT, d, d);
+        memset(a->dq, 0, nd);
+        memset(a->dk, 0, nkv);
+        memset(a->dv, 0, nkv);
+        bam_attention_backward(a->dq, a->dk, a->dv, a->dscores, a->datt, x.probs, x.q, x.k, x.v,
+                               B, T, H, Hkv, hd);
+        /* The saved q, k are post-RoPE; rotate their gradients back to the pre-RoPE frame. */
+        bam_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
+        bam_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
+        memset(a->dh_att, 0, nd);
+        bam_matmul_backward(a->dh_att, g.wq, a->dq, x.h, w.wq, BT, d, d);
+        bam_matmul_backward(a->dh_att, g.wk, a->dk, x.h, w.wk, BT, d, kvd);
+        bam_matmul_backward(a->dh_att, g.wv, a->dv, x.h, w.wv, BT, d, kvd);
+      }
+    }
+    {
+      float *dh = a->dh;
+      const float *dha = a->dh_att;
+      const long n = (long)BT * d;
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN_WORK)
+      for (long i = 0; i < n; i++) dh[i] += dha[i];
+    }
     /* h = LN(x): dx = dx' + LN_backward(dh). The kernel accumulates into dres, which holds
      * dx' (the residual path); both branches above have finished reading it. */
     bam_layernorm_backward(a->dres, g.ln, a->dh, x.x, w.ln, x.mean, x.rstd, BT, d);

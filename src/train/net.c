@@ -40,6 +40,7 @@ bam_status bam_net_create_ep(bam_net *n, const bam_config *cfg, int max_batch, M
                size);
     bam_model_shape s = bam_config_shape(cfg);
     BAM_CHECK(bam_model_create(&n->dense, &s, max_batch));
+    n->dense->concurrent_branches = cfg->concurrent_branches;
   } else {
     bam_mixture_shape s;
     BAM_CHECK(bam_mixture_shape_from_config(cfg, &s));

@@ -3,6 +3,7 @@
  * (determinism of a short run, overfitting one batch) needs the optimizer and lives in
  * tests/optim/test_train.c, whose target links bam_optim. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -473,6 +474,51 @@ static void test_flops(void) {
   bam_model_free(&m);
 }
 
+/* concurrent_branches: attention and FFN on two threads at once equal the sequential block to
+ * float rounding (a branch's products then run on one thread) and repeat bitwise, at a size
+ * where the sequential products are threaded. */
+static double max_rel(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (fabs((double)a[i] - b[i]) > num) num = fabs((double)a[i] - b[i]);
+    if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
+  }
+  return den > 0 ? num / den : num;
+}
+
+static void test_concurrent_branches(void) {
+  bam_model_shape s = tiny_shape(2, 0);
+  s.d_model = 64, s.d_ff = 128, s.seq_len = 32, s.n_heads = 4;
+  const int B = 8, T = 32, n = B * T;
+  bam_model *m = NULL;
+  T_OK(bam_model_create(&m, &s, B));
+  if (!m) return;
+  bam_model_init(m, 5, 0.1f);
+  int32_t *tok = malloc(sizeof(int32_t) * n), *tgt = malloc(sizeof(int32_t) * n);
+  random_ids(tok, n, s.vocab_size, 8);
+  random_ids(tgt, n, s.vocab_size, 9);
+  const size_t np = m->n_params;
+  float loss[3], *g = malloc(np * 4 * 3);
+  for (int run = 0; run < 3; run++) { /* sequential, concurrent, concurrent again */
+    m->concurrent_branches = run > 0;
+    bam_model_zero_grad(m);
+    T_OK(bam_model_forward(m, tok, tgt, B, T, &loss[run]));
+    T_OK(bam_model_backward(m, 1.0f));
+    memcpy(g + run * np, m->grads_mem, np * 4);
+  }
+  T_CHECK(loss[1] == loss[2] && !memcmp(g + np, g + 2 * np, np * 4),
+          "dense: concurrent branches twice differ");
+  T_CLOSE(loss[1], loss[0], 0, 1e-6, "dense: concurrent loss");
+  for (int i = 0; i < m->n_tensors; i++) {
+    const bam_tensor_info *t = &m->tensors[i];
+    const double dg = max_rel(g + np + t->offset, g + t->offset, t->numel);
+    T_CHECK(dg < 1e-4, "dense: concurrent gradient of %s differs by %.2e (%d threads)", t->name,
+            dg, omp_get_max_threads());
+  }
+  free(tok), free(tgt), free(g);
+  bam_model_free(&m);
+}
+
 int main(void) {
   test_layout();
   test_init();
@@ -483,6 +529,7 @@ int main(void) {
   test_ignored_targets();
   test_forward_no_targets();
   test_grad_accumulation();
+  test_concurrent_branches();
   test_shape_check();
   test_flops();
   BAM_TEST_END();
