@@ -1,0 +1,54 @@
+# Share of each domain's FFN assignments per layer (rows) and FFN expert (columns), one panel per mixture run
+# Data: the .dat files beside this script. Redraw: gnuplot routing-ffn.gp
+if (strstrt(GPVAL_TERMINALS, 'pngcairo') > 0) {
+  set terminal pngcairo noenhanced size 1650,1440 font 'sans,9'
+} else {
+  set terminal png noenhanced size 1650,1440
+}
+set output 'routing-ffn.png'
+set multiplot layout 2,3
+unset key
+set xtics rotate by -30 left
+set palette defined (0 '#ffffff', 1 '#08519c')
+set cbrange [0:1]
+set xrange [-0.5:3.5]
+set yrange [19.5:-0.5]
+set ytics ('general L0' 0, 'general L1' 1, 'general L2' 2, 'general L3' 3, 'code L0' 4, 'code L1' 5, 'code L2' 6, 'code L3' 7, 'legal L0' 8, 'legal L1' 9, 'legal L2' 10, 'legal L3' 11, 'math L0' 12, 'math L1' 13, 'math L2' 14, 'math L3' 15, 'reference L0' 16, 'reference L1' 17, 'reference L2' 18, 'reference L3' 19)
+set xtics ('0 seed' 0, '1 code' 1, '2 math' 2, '3 legal' 3)
+set title 'btx-dm'
+plot 'routing-ffn.dat' index 0 using 1:2:3 with image, \
+     '' index 0 using 1:2:($3 <= 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'black' font ',8', \
+     '' index 0 using 1:2:($3 > 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'white' font ',8'
+set xrange [-0.5:3.5]
+set yrange [19.5:-0.5]
+set ytics ('general L0' 0, 'general L1' 1, 'general L2' 2, 'general L3' 3, 'code L0' 4, 'code L1' 5, 'code L2' 6, 'code L3' 7, 'legal L0' 8, 'legal L1' 9, 'legal L2' 10, 'legal L3' 11, 'math L0' 12, 'math L1' 13, 'math L2' 14, 'math L3' 15, 'reference L0' 16, 'reference L1' 17, 'reference L2' 18, 'reference L3' 19)
+set xtics ('0 seed' 0, '1 code' 1, '2 math' 2, '3 legal' 3)
+set title 'bam-dm'
+plot 'routing-ffn.dat' index 1 using 1:2:3 with image, \
+     '' index 1 using 1:2:($3 <= 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'black' font ',8', \
+     '' index 1 using 1:2:($3 > 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'white' font ',8'
+set xrange [-0.5:3.5]
+set yrange [19.5:-0.5]
+set ytics ('general L0' 0, 'general L1' 1, 'general L2' 2, 'general L3' 3, 'code L0' 4, 'code L1' 5, 'code L2' 6, 'code L3' 7, 'legal L0' 8, 'legal L1' 9, 'legal L2' 10, 'legal L3' 11, 'math L0' 12, 'math L1' 13, 'math L2' 14, 'math L3' 15, 'reference L0' 16, 'reference L1' 17, 'reference L2' 18, 'reference L3' 19)
+set xtics ('0 seed' 0, '1 code' 1, '2 math' 2, '3 legal' 3)
+set title 'bam-cm'
+plot 'routing-ffn.dat' index 2 using 1:2:3 with image, \
+     '' index 2 using 1:2:($3 <= 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'black' font ',8', \
+     '' index 2 using 1:2:($3 > 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'white' font ',8'
+set xrange [-0.5:3.5]
+set yrange [19.5:-0.5]
+set ytics ('general L0' 0, 'general L1' 1, 'general L2' 2, 'general L3' 3, 'code L0' 4, 'code L1' 5, 'code L2' 6, 'code L3' 7, 'legal L0' 8, 'legal L1' 9, 'legal L2' 10, 'legal L3' 11, 'math L0' 12, 'math L1' 13, 'math L2' 14, 'math L3' 15, 'reference L0' 16, 'reference L1' 17, 'reference L2' 18, 'reference L3' 19)
+set xtics ('0 seed' 0, '1 code' 1, '2 math' 2, '3 legal' 3)
+set title 'bam-shared-kv-dm'
+plot 'routing-ffn.dat' index 3 using 1:2:3 with image, \
+     '' index 3 using 1:2:($3 <= 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'black' font ',8', \
+     '' index 3 using 1:2:($3 > 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'white' font ',8'
+set xrange [-0.5:3.5]
+set yrange [19.5:-0.5]
+set ytics ('general L0' 0, 'general L1' 1, 'general L2' 2, 'general L3' 3, 'code L0' 4, 'code L1' 5, 'code L2' 6, 'code L3' 7, 'legal L0' 8, 'legal L1' 9, 'legal L2' 10, 'legal L3' 11, 'math L0' 12, 'math L1' 13, 'math L2' 14, 'math L3' 15, 'reference L0' 16, 'reference L1' 17, 'reference L2' 18, 'reference L3' 19)
+set xtics ('0 seed' 0, '1 code' 1, '2 math' 2, '3 legal' 3)
+set title 'bam-shared-kv-cm'
+plot 'routing-ffn.dat' index 4 using 1:2:3 with image, \
+     '' index 4 using 1:2:($3 <= 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'black' font ',8', \
+     '' index 4 using 1:2:($3 > 0.6 ? sprintf('%.2f', $3) : '') with labels tc rgb 'white' font ',8'
+unset multiplot
