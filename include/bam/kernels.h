@@ -78,4 +78,11 @@ void bam_crossentropy_fused_inplace(float *logits, float *losses, const int32_t 
 void bam_softmax_rows(float *y, const float *x, int n, int d); /* y may alias x */
 void bam_add_inplace(float *y, const float *x, long n);       /* y += x */
 
+/* Routers (mixtures). In place, per row of E: logits -> softmax probabilities (max-subtracted,
+ * normaliser summed in double); lse (may be NULL) gets each row's logsumexp of the logits. */
+void bam_router_softmax(float *p, float *lse, int n, int E);
+/* idx[0..k) = the indices of the k largest of p[0..E), descending; equal values go to the lower
+ * index. */
+void bam_topk_select(int32_t *idx, const float *p, int E, int k);
+
 #endif

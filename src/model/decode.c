@@ -284,37 +284,6 @@ static void linear(float *y, const float *x, const float *w, int n, int in, int 
     bam_matmul_forward(y, x, w, n, in, out);
 }
 
-/* In place per row of E: softmax (max-subtracted, normaliser summed in double), as the
- * training forward's router softmax. */
-static void softmax_rows(float *p, int n, int E) {
-  for (int i = 0; i < n; i++) {
-    float *r = p + (size_t)i * E;
-    float mx = r[0];
-    for (int e = 1; e < E; e++) mx = r[e] > mx ? r[e] : mx;
-    double s = 0.0;
-    for (int e = 0; e < E; e++) {
-      r[e] = expf(r[e] - mx);
-      s += (double)r[e];
-    }
-    const float inv = (float)(1.0 / s);
-    for (int e = 0; e < E; e++) r[e] *= inv;
-  }
-}
-
-/* idx[0..k) = the k largest of p[0..E), descending; equal values to the lower index (the
- * training forward's rule). */
-static void topk_select(int32_t *idx, const float *p, int E, int k) {
-  for (int j = 0; j < k; j++) {
-    int best = -1;
-    for (int e = 0; e < E; e++) {
-      int taken = 0;
-      for (int i = 0; i < j; i++) taken |= idx[i] == e;
-      if (!taken && (best < 0 || p[e] > p[best])) best = e;
-    }
-    idx[j] = best;
-  }
-}
-
 static float *k_cache(const bam_decoder *D, int l, int jk) {
   return D->kc + ((size_t)l * D->nKV + (size_t)jk) * (size_t)D->max_len * D->kvd;
 }
@@ -433,7 +402,7 @@ static void attention_rows(bam_decoder *D, int l, int n, int pos0) {
   if (D->bam) {
     /* g = softmax(h Wa^T); with att_top_k only each row's top entries (not renormalised). */
     linear(D->ap, h, D->att_router[l], n, d, Ea);
-    softmax_rows(D->ap, n, Ea);
+    bam_router_softmax(D->ap, NULL, n, Ea);
     if (D->ka == 0) {
       memcpy(D->ag, D->ap, (size_t)n * Ea * sizeof(float));
       for (int j = 0; j < Ea; j++) D->active[j] = 1;
@@ -443,7 +412,7 @@ static void attention_rows(bam_decoder *D, int l, int n, int pos0) {
         int32_t *idx = D->aidx + (size_t)t * D->ka;
         const float *p = D->ap + (size_t)t * Ea;
         float *g = D->ag + (size_t)t * Ea;
-        topk_select(idx, p, Ea, D->ka);
+        bam_topk_select(idx, p, Ea, D->ka);
         for (int j = 0; j < Ea; j++) g[j] = 0.0f;
         for (int r = 0; r < D->ka; r++) {
           g[idx[r]] = p[idx[r]];
@@ -488,12 +457,12 @@ static void ffn_rows(bam_decoder *D, int l, int n) {
   }
   /* Route: p = softmax(h Wr^T), top-k, gates p_i (or renormalised over the top-k). */
   linear(D->fp, h, D->ffn_router[l], n, d, Ef);
-  softmax_rows(D->fp, n, Ef);
+  bam_router_softmax(D->fp, NULL, n, Ef);
   for (int t = 0; t < n; t++) {
     int32_t *idx = D->fidx + (size_t)t * k;
     float *w = D->fw + (size_t)t * k;
     const float *p = D->fp + (size_t)t * Ef;
-    topk_select(idx, p, Ef, k);
+    bam_topk_select(idx, p, Ef, k);
     float S = 0.0f; /* summed in rank order, as the training forward */
     for (int r = 0; r < k; r++) S += p[idx[r]];
     for (int r = 0; r < k; r++) w[r] = D->renorm ? p[idx[r]] / S : p[idx[r]];

@@ -548,40 +548,7 @@ static float *v_of(const bam_mixture *m, const dims *z, int l, int jk) {
   return m->acts->v + ((size_t)l * z->nKVl + (size_t)(jk - z->kv0)) * z->RA * z->kvd;
 }
 
-/* ---- routing helpers ---- */
-
-/* In place, per row of E: logits -> softmax probabilities (max-subtracted, normaliser summed
- * in double as bam_softmax_rows does); lse (may be NULL) gets logsumexp of the logits. */
-static void router_softmax(float *p, float *lse, int n, int E) {
-#pragma omp parallel for schedule(static) if ((long)n * E >= PAR_MIN_WORK)
-  for (int i = 0; i < n; i++) {
-    float *r = p + (size_t)i * E;
-    float mx = r[0];
-    for (int e = 1; e < E; e++) mx = r[e] > mx ? r[e] : mx;
-    double s = 0.0;
-    for (int e = 0; e < E; e++) {
-      r[e] = expf(r[e] - mx);
-      s += (double)r[e];
-    }
-    const float inv = (float)(1.0 / s);
-    for (int e = 0; e < E; e++) r[e] *= inv;
-    if (lse) lse[i] = mx + (float)log(s);
-  }
-}
-
-/* idx[0..k) = the k largest entries of p[0..E), descending; equal values go to the lower
- * index (strict > while scanning upwards). k and E are small: a selection scan suffices. */
-static void topk_select(int32_t *idx, const float *p, int E, int k) {
-  for (int j = 0; j < k; j++) {
-    int best = -1;
-    for (int e = 0; e < E; e++) {
-      int taken = 0;
-      for (int i = 0; i < j; i++) taken |= idx[i] == e;
-      if (!taken && (best < 0 || p[e] > p[best])) best = e;
-    }
-    idx[j] = best;
-  }
-}
+/* ---- routing helpers (softmax and top-k: bam_router_softmax, bam_topk_select) ---- */
 
 /* dst[r] = src[slot[r] / k] for the n dispatch rows (the token of each row). */
 static void gather_rows(float *dst, const float *src, const int32_t *slot, int n, int k, int d) {
@@ -657,7 +624,7 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
     /* g = softmax(h Wa^T); with att_top_k the gate keeps only each token's top-k entries,
      * unnormalised. An expert no token kept has g = 0 everywhere: skipped (exact). */
     bam_matmul_forward(x.att_p, hA, layer_w_of(P, z, l).att_router, NA, d, Ea);
-    router_softmax(x.att_p, NULL, NA, Ea);
+    bam_router_softmax(x.att_p, NULL, NA, Ea);
     if (z->ka == 0) {
       memcpy(x.att_g, x.att_p, (size_t)NA * Ea * sizeof(float));
       for (int j = 0; j < Ea; j++) x.att_active[j] = 1;
@@ -667,7 +634,7 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
         int32_t *idx = x.att_idx + (size_t)t * z->ka;
         float *g = x.att_g + (size_t)t * Ea;
         const float *p = x.att_p + (size_t)t * Ea;
-        topk_select(idx, p, Ea, z->ka);
+        bam_topk_select(idx, p, Ea, z->ka);
         for (int j = 0; j < Ea; j++) g[j] = 0.0f;
         for (int r = 0; r < z->ka; r++) g[idx[r]] = p[idx[r]];
       }
@@ -858,13 +825,13 @@ static double moe_route(bam_mixture *m, const dims *z, int l, int B, int T) {
   const int N = B * T, k = z->k, Ef = z->Ef;
 
   bam_matmul_forward(x.ffn_p, x.h, layer_w_of(&m->acts->p, z, l).ffn_router, N, z->d, Ef);
-  router_softmax(x.ffn_p, x.ffn_lse, N, Ef);
+  bam_router_softmax(x.ffn_p, x.ffn_lse, N, Ef);
 #pragma omp parallel for schedule(static) if ((long)N * Ef >= PAR_MIN_WORK)
   for (int t = 0; t < N; t++) {
     int32_t *idx = x.ffn_idx + (size_t)t * k;
     float *w = x.ffn_w + (size_t)t * k;
     const float *p = x.ffn_p + (size_t)t * Ef;
-    topk_select(idx, p, Ef, k);
+    bam_topk_select(idx, p, Ef, k);
     float S = 0.0f; /* summed in rank order; the backward recomputes it the same way */
     for (int r = 0; r < k; r++) S += p[idx[r]];
     for (int r = 0; r < k; r++) w[r] = s->ffn_renormalize ? p[idx[r]] / S : p[idx[r]];
