@@ -343,10 +343,12 @@ static bam_status create(bam_mixture **out, const bam_mixture_shape *shape, int 
                  fail);
   m->ep_comm = MPI_COMM_NULL;
   m->concurrent_branches = -1;
-  m->ep_size = 1;
-  m->ep_rank = 0;
+  /* A sharded mixture's activations are sized for its group at once (bam_mixture_set_ep then
+   * finds them ready): never the single-process set and the group's at the same time. */
+  m->ep_size = G;
+  m->ep_rank = G > 1 ? gr : 0;
   m->comm_seconds = 0.0;
-  const dims z = dims_of(shape, max_batch, 1, 0, 0);
+  const dims z = dims_of(shape, max_batch, G, m->ep_rank, G > 1);
   const size_t act_bytes = act_layout(m->acts, &z, (size_t)max_batch, NULL);
   char what[128];
   snprintf(what, sizeof what, "mixture activations (batch %d x seq_len %d, %s)", max_batch,
