@@ -36,6 +36,16 @@ static int bam_t_pass = 0, bam_t_fail = 0;
     if (t_s_ != BAM_OK) bam_error_clear();                                              \
   } while (0)
 
+/* max |a - b| over max |b|: the largest difference relative to b's scale (n floats). */
+static inline double t_max_rel(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (fabs((double)a[i] - b[i]) > num) num = fabs((double)a[i] - b[i]);
+    if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
+  }
+  return den > 0 ? num / den : num;
+}
+
 #define BAM_TEST_END()                                                     \
   do {                                                                     \
     printf("%d passed, %d failed\n", bam_t_pass, bam_t_fail);              \

@@ -913,16 +913,6 @@ static void test_flops(void) {
  * sequential results to float rounding (the products of a branch then run on one thread, whose
  * blocking may sum in another order) and are bitwise repeatable; at a size where the products
  * are threaded when run one after the other. */
-static double max_rel(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    const double e = fabs((double)a[i] - b[i]);
-    if (e > num) num = e;
-    if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
-  }
-  return den > 0 ? num / den : num;
-}
-
 static void test_concurrent_branches(void) {
   const bam_method methods[3] = {BAM_METHOD_BTX, BAM_METHOD_BAM, BAM_METHOD_BAM_SHARED_KV};
   for (int mi = 0; mi < 3; mi++) {
@@ -952,11 +942,11 @@ static void test_concurrent_branches(void) {
                 !memcmp(g + np, g + 2 * np, np * 4),
             "%s: concurrent branches twice differ", name);
     T_CLOSE(loss[1], loss[0], 0, 1e-6, name);
-    const double dl = max_rel(lg + nl, lg, nl);
+    const double dl = t_max_rel(lg + nl, lg, nl);
     T_CHECK(dl < 1e-5, "%s: concurrent logits differ by %.2e", name, dl);
     for (int i = 0; i < m->n_tensors; i++) {
       const bam_tensor_info *t = &m->tensors[i];
-      const double dg = max_rel(g + np + t->offset, g + t->offset, t->numel);
+      const double dg = t_max_rel(g + np + t->offset, g + t->offset, t->numel);
       T_CHECK(dg < 1e-4, "%s: concurrent gradient of %s differs by %.2e", name, t->name, dg);
     }
     free(tok), free(tgt), free(g), free(lg);

@@ -477,15 +477,6 @@ static void test_flops(void) {
 /* concurrent_branches: attention and FFN on two threads at once equal the sequential block to
  * float rounding (a branch's products then run on one thread) and repeat bitwise, at a size
  * where the sequential products are threaded. */
-static double max_rel(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (fabs((double)a[i] - b[i]) > num) num = fabs((double)a[i] - b[i]);
-    if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
-  }
-  return den > 0 ? num / den : num;
-}
-
 static void test_concurrent_branches(void) {
   bam_model_shape s = tiny_shape(2, 0);
   s.d_model = 64, s.d_ff = 128, s.seq_len = 32, s.n_heads = 4;
@@ -511,7 +502,7 @@ static void test_concurrent_branches(void) {
   T_CLOSE(loss[1], loss[0], 0, 1e-6, "dense: concurrent loss");
   for (int i = 0; i < m->n_tensors; i++) {
     const bam_tensor_info *t = &m->tensors[i];
-    const double dg = max_rel(g + np + t->offset, g + t->offset, t->numel);
+    const double dg = t_max_rel(g + np + t->offset, g + t->offset, t->numel);
     T_CHECK(dg < 1e-4, "dense: concurrent gradient of %s differs by %.2e (%d threads)", t->name,
             dg, omp_get_max_threads());
   }
