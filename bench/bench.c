@@ -31,28 +31,9 @@ typedef struct {
   int batch;
 } bench_case;
 
-/* Peak resident set size of this process in MiB (Linux /proc). */
-static double peak_rss_mib(void) {
-  FILE *f = fopen("/proc/self/status", "r");
-  char line[256];
-  double kib = 0;
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, "VmHWM:", 6)) kib = atof(line + 6);
-  if (f) fclose(f);
-  return kib / 1024.0;
-}
-
 #define MAX_STEPS 64
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 /* GFLOP/s of C(m,n) = A(m,k) B(k,n)^T, median of reps after one warm-up. */
 static double sgemm_gflops(int m, int n, int k, int reps) {
@@ -67,7 +48,7 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
     if (r >= 0) t[r] = bam_now() - t0;
   }
   bam_free(a), bam_free(b), bam_free(c);
-  return 2.0 * m * n * k / median(t, reps) / 1e9;
+  return 2.0 * m * n * k / bam_median(t, reps) / 1e9;
 }
 
 int main(int argc, char **argv) {
@@ -171,7 +152,7 @@ int main(int argc, char **argv) {
         bam_adamw_step(net.params, net.grads, am, av, net.tensors, net.n_tensors, 1e-4f, &hp, r + warmup + 1);
         if (r >= 0) t[r] = bam_now() - t0;
       }
-      double dt = median(t, steps);
+      double dt = bam_median(t, steps);
       double flops = 3.0 * bam_net_flops_per_token(&net, T) * N;
       /* what the state needs: params, grads, AdamW m and v, plus the activations */
       double need = (4.0 * net.n_params * sizeof(float) + (double)net.act_bytes) / (1024.0 * 1024.0);
@@ -180,7 +161,7 @@ int main(int argc, char **argv) {
              "\"model_gflops\":%.2f,\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f,"
              "\"peak_rss_mib\":%.0f,\"state_mib\":%.0f}\n",
              kind_names[k], bc->name, threads, B, T, k ? experts : 1, net.n_params, dt, N / dt,
-             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, peak_rss_mib(), need);
+             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, bam_peak_rss_mib(), need);
       fflush(stdout);
       bam_free(am), bam_free(av), bam_free(x), bam_free(y);
       bam_net_free(&net);

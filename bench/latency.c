@@ -25,26 +25,7 @@ typedef struct {
   bam_model_shape shape;
 } shape_case;
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* Peak resident set size of this process in MiB (Linux /proc). */
-static double peak_rss_mib(void) {
-  FILE *f = fopen("/proc/self/status", "r");
-  char line[256];
-  double kib = 0;
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, "VmHWM:", 6)) kib = atof(line + 6);
-  if (f) fclose(f);
-  return kib / 1024.0;
-}
 
 /* The 1-minute load average (Linux /proc): the other work sharing the machine. */
 static double load_average(void) {
@@ -202,8 +183,8 @@ int main(int argc, char **argv) {
         if (run_cached(dec, prompt, n_prompt, n_new, logits, tc, &t) != BAM_OK) return fail();
         if (r >= 0) pre[r] = t.prefill, tok[r] = t.per_token, tot[r] = t.total;
       }
-      cache_t = (timing){median(pre, runs), median(tok, runs), median(tot, runs)};
-      const double best_total = tot[0]; /* sorted by median() */
+      cache_t = (timing){bam_median(pre, runs), bam_median(tok, runs), bam_median(tot, runs)};
+      const double best_total = tot[0]; /* sorted by bam_median() */
       int same = -1; /* -1: no full recompute measured */
       full_t = (timing){0, 0, 0};
       if (nc_runs > 0) {
@@ -212,7 +193,7 @@ int main(int argc, char **argv) {
           if (run_full(&net, ctx, n_prompt, n_new, tf, &t) != BAM_OK) return fail();
           if (r >= 0) pre[r] = t.prefill, tok[r] = t.per_token, tot[r] = t.total;
         }
-        full_t = (timing){median(pre, nc_runs), median(tok, nc_runs), median(tot, nc_runs)};
+        full_t = (timing){bam_median(pre, nc_runs), bam_median(tok, nc_runs), bam_median(tot, nc_runs)};
         same = !memcmp(tc, tf, sizeof(int32_t) * n_new);
       }
       const int E = k ? experts : 1;
@@ -238,7 +219,7 @@ int main(int argc, char **argv) {
              sc_end.flops / 1e9,
              cache_t.per_token > 0 ? (sc_end.weight_bytes + sc_end.kv_bytes) / cache_t.per_token / 1e9 : 0.0,
              cache_t.per_token > 0 ? sc_end.flops / cache_t.per_token / 1e9 : 0.0,
-             1e3 * best_total, peak_rss_mib(), load_average());
+             1e3 * best_total, bam_peak_rss_mib(), load_average());
       fflush(stdout);
       bam_free(prompt), bam_free(ctx), bam_free(tc), bam_free(tf), bam_free(logits);
       bam_free(pre), bam_free(tok), bam_free(tot);

@@ -63,6 +63,10 @@ void bam_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));    /*
 
 /* ---- time ---- */
 double bam_now(void); /* monotonic seconds */
+/* Median of v[0..n) (0 when n <= 0); sorts v in place, ascending. */
+double bam_median(double *v, int n);
+/* Peak resident memory of this process in MiB (VmHWM of /proc/self/status; 0 if unknown). */
+double bam_peak_rss_mib(void);
 
 /* ---- memory: 64-byte aligned, zeroed; bam_free(NULL) is fine ---- */
 void *bam_alloc(size_t bytes);

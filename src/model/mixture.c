@@ -913,6 +913,22 @@ static void moe_combine(float *out, const float *y, const int32_t *rows, const f
   }
 }
 
+/* dh(N, d) += each token's kept dispatch rows of dx (row r at dx + r * stride), in the
+ * assignment order (row < 0: dropped); one writer per token, so the sum order is fixed. */
+static void moe_scatter_dx(float *dh, const float *dx, size_t stride, const int32_t *rows, int N,
+                           int k, int d) {
+#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
+  for (int t = 0; t < N; t++)
+    for (int r = 0; r < k; r++) {
+      const int row = rows[(size_t)t * k + r];
+      if (row < 0) continue;
+      float *dt = dh + (size_t)t * d;
+      const float *src = dx + (size_t)row * stride;
+#pragma omp simd
+      for (int c = 0; c < d; c++) dt[c] += src[c];
+    }
+}
+
 /* The MoE output (N, d) of layer l into out, from the dispatch moe_route recorded. */
 static void moe_forward(bam_mixture *m, const dims *z, int l, int B, int T, float *out) {
   bam_mix_acts *a = m->acts;
@@ -985,18 +1001,7 @@ static void moe_backward(bam_mixture *m, const dims *z, int l, int B, int T, flo
     bam_matmul_backward(dxe, ffn_w_of(a->g.w_up, z, l, e), a->dup + (size_t)r0 * f, xe,
                         ffn_w_of(a->p.w_up, z, l, e), n, d, f);
   }
-  /* Scatter dX back to the tokens: per token, its rows in rank order (one writer per row). */
-  float *dh = a->dh;
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-  for (int t = 0; t < N; t++)
-    for (int r = 0; r < k; r++) {
-      const int row = x.ffn_row[(size_t)t * k + r];
-      if (row < 0) continue;
-      float *dt = dh + (size_t)t * d;
-      const float *src = A + (size_t)row * d;
-#pragma omp simd
-      for (int c = 0; c < d; c++) dt[c] += src[c];
-    }
+  moe_scatter_dx(a->dh, A, d, x.ffn_row, N, k, d);
   moe_router_backward(m, z, l, B, T, grad_scale);
 }
 
@@ -1203,19 +1208,10 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
   }
   ep_reorder(x.ep_cnt, G, El, w, a->rbuf, a->ebuf, 0);
   EP_TIMED(m, MPI_Alltoallv(a->rbuf, rc, rd, MPI_FLOAT, sbuf, sc, sd, MPI_FLOAT, m->ep_comm));
-  float *dw = a->dgate_w, *dh = a->dh;
+  float *dw = a->dgate_w;
   memset(dw, 0, (size_t)N * k * sizeof(float)); /* dropped assignments: 0 */
   for (int r = 0; r < n_rows; r++) dw[x.disp_slot[r]] = sbuf[(size_t)r * w + d];
-#pragma omp parallel for schedule(static) if ((long)N * d >= PAR_MIN_WORK)
-  for (int t = 0; t < N; t++)
-    for (int r = 0; r < k; r++) {
-      const int row = x.ffn_row[(size_t)t * k + r];
-      if (row < 0) continue;
-      float *dt = dh + (size_t)t * d;
-      const float *src = sbuf + (size_t)row * w;
-#pragma omp simd
-      for (int c = 0; c < d; c++) dt[c] += src[c];
-    }
+  moe_scatter_dx(a->dh, sbuf, w, x.ffn_row, N, k, d);
   moe_router_backward(m, z, l, B, T, grad_scale);
 }
 

@@ -392,33 +392,11 @@ static double comm_seconds(const trainer *t) {
   return s;
 }
 
-static int cmp_double(const void *a, const void *b) {
-  const double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
 /* Median of v[skip..n) (all of v when fewer than skip + 1 values); sorts that part. */
 static double median_after(double *v, int n, int skip) {
-  if (n <= 0) return 0;
   if (n <= skip) skip = 0;
-  v += skip, n -= skip;
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* Peak resident memory of this process in MiB (VmHWM of /proc/self/status; 0 if unknown). */
-static double peak_rss_mib(void) {
-  FILE *f = fopen("/proc/self/status", "r");
-  if (!f) return 0;
-  char line[256];
-  double kb = 0;
-  while (fgets(line, sizeof line, f))
-    if (strncmp(line, "VmHWM:", 6) == 0) {
-      kb = strtod(line + 6, NULL);
-      break;
-    }
-  fclose(f);
-  return kb / 1024.0;
+  return bam_median(v + skip, n - skip);
 }
 
 /* After the final evaluation (collective over t->comm): logs the peak resident memory per
@@ -426,7 +404,7 @@ static double peak_rss_mib(void) {
  * the logged steps after the first two (warm-up) of tokens/s and communication share. */
 static bam_status write_summary(const trainer *t, double *tps, double *comm_share, int n_logged,
                                 double flops_per_token) {
-  double rss = peak_rss_mib();
+  double rss = bam_peak_rss_mib();
   if (t->world > 1) MPI_Allreduce(MPI_IN_PLACE, &rss, 1, MPI_DOUBLE, MPI_MAX, t->comm);
   const double med_tps = median_after(tps, n_logged, 2);
   const double med_comm = median_after(comm_share, n_logged, 2);
