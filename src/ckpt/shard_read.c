@@ -26,6 +26,10 @@
 #include "bam/shard.h"
 #include "internal.h"
 
+/* Floats read per piece while a dataset is verified on first touch (rounded to whole HDF5
+ * chunks). */
+#define VERIFY_FLOATS ((hsize_t)1 << 20)
+
 struct bam_ckpt {
   char path[PATH_MAX]; /* the step folder, or the single file */
   int single;          /* a single-file export (bam_ckpt_export, bam_ckpt_save) */
@@ -782,18 +786,33 @@ static bam_status read_from_shard(bam_ckpt *c, int s, int b, size_t a, size_t e,
     st = read_slice(c, s, d, b, a, e, dst, path);
     goto done;
   }
-  /* First touch: the whole dataset, checked against the CRC-32C in the index. */
-  if (a == 0 && e == n) {
-    whole = dst;
-  } else if (!(whole = malloc(n * sizeof(float)))) {
+  /* First touch: the whole dataset is checked against the CRC-32C in the index. It streams
+   * through the check in pieces of whole HDF5 chunks, the requested range copied out as it
+   * passes, so verifying costs a few MiB beside the destination, never a copy of the shard. */
+  const int direct = a == 0 && e == n;
+  size_t piece = n;
+  hid_t dcpl = H5Dget_create_plist(d);
+  hsize_t hchunk = 0;
+  if (H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 1, &hchunk) == 1 && hchunk > 0)
+    piece = VERIFY_FLOATS > hchunk ? VERIFY_FLOATS / hchunk * hchunk : hchunk;
+  H5Pclose(dcpl);
+  if (piece > n) piece = n;
+  if (!direct && !(whole = malloc((piece ? piece : 1) * sizeof(float)))) {
     char size[32];
-    bam_format_bytes(size, sizeof size, (double)n * sizeof(float));
+    bam_format_bytes(size, sizeof size, (double)piece * sizeof(float));
     st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__,
                        "%s: cannot allocate %s to verify dataset '%s'", path, size, bn);
     goto done;
   }
-  BAM_CHECK_GOTO(st, read_slice(c, s, d, b, 0, n, whole, path), done);
-  uint32_t crc = bam_crc32c(0, whole, n * sizeof(float));
+  uint32_t crc = 0;
+  for (size_t o = 0; o < n; o += piece) {
+    const size_t len = n - o < piece ? n - o : piece;
+    float *p = direct ? dst + o : whole;
+    BAM_CHECK_GOTO(st, read_slice(c, s, d, b, o, o + len, p, path), done);
+    crc = bam_crc32c(crc, p, len * sizeof(float));
+    const size_t lo = a > o ? a : o, hi = e < o + len ? e : o + len;
+    if (!direct && lo < hi) memcpy(dst + (lo - a), whole + (lo - o), (hi - lo) * sizeof(float));
+  }
   if (crc != sh->crc32c[b]) {
     st = bam_error_set(BAM_ERR_DATA, __FILE__, __LINE__,
                        "%s: dataset '%s' has CRC-32C 0x%08x, the index records 0x%08x (altered or "
@@ -802,9 +821,8 @@ static bam_status read_from_shard(bam_ckpt *c, int s, int b, size_t a, size_t e,
     goto done;
   }
   c->verified[s][b] = 1;
-  if (whole != dst) memcpy(dst, whole + a, (e - a) * sizeof(float));
 done:
-  if (whole != dst) free(whole);
+  free(whole);
   if (d >= 0) H5Dclose(d);
   H5Fclose(f);
   return st;

@@ -54,7 +54,7 @@ static const key_def KEYS[] = {
     {"eval", "every", K_INT, F(eval_every), 0, 1e9, "steps between evaluations (0: end only)"},
     {"eval", "max_tokens", K_INT, F(eval_max_tokens), 0, 1 << 30,
      "tokens per domain per evaluation (0: whole split)"},
-    {"eval", "batch_size", K_INT, F(eval_batch_size), 1, 1 << 16, "sequences per eval batch"},
+    {"eval", "batch_size", K_INT, F(eval_batch_size), 1, 1 << 16, "sequences per eval batch, over all ranks"},
     {"mixture", "method", K_STR, F(method), 0, 0, "btx | bam | bam-shared-kv (empty: dense)"},
     {"mixture", "n_att_experts", K_INT, F(n_att_experts), 0, 256, "BAM attention experts"},
     {"mixture", "n_ffn_experts", K_INT, F(n_ffn_experts), 0, 256, "FFN experts"},

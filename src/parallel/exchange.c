@@ -3,13 +3,18 @@
 
 #include "bam/parallel.h"
 
+/* Bytes of the reduce-scatter's receive buffer (all ranks' pieces of one round). */
+#define BAM_EXCHANGE_BYTES ((size_t)16 << 20)
+
 struct bam_exchange {
   MPI_Comm comm;
   int rank, world;
   size_t n;
   int *counts, *displs; /* per rank: slice length and start, in floats */
-  int *recv_counts, *recv_displs;
-  float *recv;          /* world copies of this rank's slice */
+  size_t chunk;         /* floats of each slice moved per round of the reduce-scatter */
+  size_t max_len;       /* the longest slice: every rank runs the same number of rounds */
+  int *send_counts, *send_displs, *recv_counts, *recv_displs; /* of one round */
+  float *recv;          /* world pieces of `chunk` floats of this rank's slice */
   double seconds;
 };
 
@@ -36,27 +41,33 @@ bam_status bam_exchange_create(bam_exchange **out, size_t n, MPI_Comm comm) {
   }
   x->counts = calloc((size_t)x->world, sizeof(int));
   x->displs = calloc((size_t)x->world, sizeof(int));
+  x->send_counts = calloc((size_t)x->world, sizeof(int));
+  x->send_displs = calloc((size_t)x->world, sizeof(int));
   x->recv_counts = calloc((size_t)x->world, sizeof(int));
   x->recv_displs = calloc((size_t)x->world, sizeof(int));
-  size_t lo, hi;
-  slice(n, x->rank, x->world, &lo, &hi);
-  bam_status st = BAM_OK;
-  if (!x->counts || !x->displs || !x->recv_counts || !x->recv_displs)
-    st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__, "cannot allocate the exchange plan");
-  else if (x->world > 1)
-    st = bam_alloc_checked((void **)&x->recv, sizeof(float) * (hi - lo) * (size_t)x->world + 64,
-                           "the gradient exchange buffer");
-  if (st != BAM_OK) {
-    bam_exchange_free(&x);
-    return st;
-  }
-  for (int r = 0; r < x->world; r++) {
+  for (int r = 0; x->counts && x->displs && r < x->world; r++) {
     size_t a, b;
     slice(n, r, x->world, &a, &b);
     x->counts[r] = (int)(b - a);
     x->displs[r] = (int)a;
-    x->recv_counts[r] = (int)(hi - lo);
-    x->recv_displs[r] = (int)((hi - lo) * (size_t)r);
+    if (b - a > x->max_len) x->max_len = b - a;
+  }
+  /* The receive buffer holds every rank's copy of one chunk of this rank's slice, about
+   * BAM_EXCHANGE_BYTES in all, not a copy of the whole slice per rank: the exchange then
+   * costs no memory beside the gradients. */
+  x->chunk = BAM_EXCHANGE_BYTES / sizeof(float) / (size_t)x->world / 16 * 16;
+  if (x->chunk < 4096) x->chunk = 4096;
+  if (x->chunk > x->max_len) x->chunk = x->max_len;
+  bam_status st = BAM_OK;
+  if (!x->counts || !x->displs || !x->send_counts || !x->send_displs || !x->recv_counts ||
+      !x->recv_displs)
+    st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__, "cannot allocate the exchange plan");
+  else if (x->world > 1)
+    st = bam_alloc_checked((void **)&x->recv, sizeof(float) * x->chunk * (size_t)x->world + 64,
+                           "the gradient exchange buffer");
+  if (st != BAM_OK) {
+    bam_exchange_free(&x);
+    return st;
   }
   *out = x;
   return BAM_OK;
@@ -67,6 +78,8 @@ void bam_exchange_free(bam_exchange **px) {
   if (!x) return;
   free(x->counts);
   free(x->displs);
+  free(x->send_counts);
+  free(x->send_displs);
   free(x->recv_counts);
   free(x->recv_displs);
   bam_free(x->recv);
@@ -83,18 +96,32 @@ double bam_exchange_seconds(const bam_exchange *x) { return x->seconds; }
 bam_status bam_reduce_scatter_ordered(bam_exchange *x, float *buf) {
   if (x->world == 1) return BAM_OK;
   double t0 = bam_now();
-  /* rank r sends slice j of its buffer to rank j; receives every rank's copy of slice r */
-  int rc = MPI_Alltoallv(buf, x->counts, x->displs, MPI_FLOAT, x->recv, x->recv_counts,
-                         x->recv_displs, MPI_FLOAT, x->comm);
-  if (rc != MPI_SUCCESS) BAM_FAIL(BAM_ERR_MPI, "MPI_Alltoallv failed in the gradient reduce-scatter");
-  const size_t len = (size_t)x->counts[x->rank];
-  float *dst = buf + x->displs[x->rank];
-  const float *src = x->recv;
+  /* Round k: rank r sends floats [k chunk, (k+1) chunk) of slice j to rank j and receives every
+   * rank's copy of those floats of slice r, then sums them in rank order. Every rank runs the
+   * same rounds (the longest slice's); a shorter slice sends and receives nothing at the end. */
+  const size_t mine = (size_t)x->counts[x->rank];
+  for (size_t off = 0; off < x->max_len; off += x->chunk) {
+    const size_t len = off >= mine ? 0 : mine - off < x->chunk ? mine - off : x->chunk;
+    for (int r = 0; r < x->world; r++) {
+      const size_t theirs = (size_t)x->counts[r];
+      const size_t l = off >= theirs ? 0 : theirs - off < x->chunk ? theirs - off : x->chunk;
+      x->send_counts[r] = (int)l;
+      x->send_displs[r] = (int)((size_t)x->displs[r] + (l ? off : 0));
+      x->recv_counts[r] = (int)len;
+      x->recv_displs[r] = (int)(len * (size_t)r);
+    }
+    int rc = MPI_Alltoallv(buf, x->send_counts, x->send_displs, MPI_FLOAT, x->recv, x->recv_counts,
+                           x->recv_displs, MPI_FLOAT, x->comm);
+    if (rc != MPI_SUCCESS)
+      BAM_FAIL(BAM_ERR_MPI, "MPI_Alltoallv failed in the gradient reduce-scatter");
+    float *dst = buf + x->displs[x->rank] + off;
+    const float *src = x->recv;
 #pragma omp parallel for schedule(static) if (len >= 16384)
-  for (size_t i = 0; i < len; i++) {
-    float s = src[i];
-    for (int r = 1; r < x->world; r++) s += src[(size_t)r * len + i];
-    dst[i] = s;
+    for (size_t i = 0; i < len; i++) {
+      float s = src[i];
+      for (int r = 1; r < x->world; r++) s += src[(size_t)r * len + i];
+      dst[i] = s;
+    }
   }
   x->seconds += bam_now() - t0;
   return BAM_OK;

@@ -85,6 +85,7 @@ typedef struct {
   int n_state_pieces;
   bam_loader *loader;
   int step;                /* optimizer steps done */
+  int eval_batch;          /* sequences per rank in each evaluation batch */
   int64_t tokens_seen;
   char tok_id[64];
   char ckpt_dir[BAM_PATH_MAX + 16];
@@ -144,7 +145,7 @@ static bam_status run_eval(trainer *t, int final) {
   int n = 0;
   double t0 = bam_now();
   /* An expert-sharded mixture evaluates in lock step over its groups (bam_evaluate). */
-  BAM_CHECK(bam_evaluate(&t->net, cfg, cfg->eval_domains, cfg->eval_max_tokens, cfg->eval_batch_size,
+  BAM_CHECK(bam_evaluate(&t->net, cfg, cfg->eval_domains, cfg->eval_max_tokens, t->eval_batch,
                          final, t->tok_id, r, &n, t->comm));
   bam_log("eval @ step %d (%.1fs):", t->step, bam_now() - t0);
   for (int i = 0; i < n; i++) bam_log(" %s %.4f", r[i].domain, r[i].loss);
@@ -464,7 +465,10 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   int32_t *x = NULL, *y = NULL;
   double *log_tps = NULL, *log_comm = NULL; /* per logged step, for summary.json */
   int n_logged = 0;
-  const int max_batch = local_batch > cfg->eval_batch_size ? local_batch : cfg->eval_batch_size;
+  /* eval.batch_size is global like train.batch_size: each rank evaluates its share of every
+   * batch, so the activations are sized for the larger of the two per-rank batches only */
+  t.eval_batch = (cfg->eval_batch_size + t.world - 1) / t.world;
+  const int max_batch = local_batch > t.eval_batch ? local_batch : t.eval_batch;
   if (cfg->ep > 1) {
     /* groups of ep consecutive ranks; the ranks at the same position of every group hold
      * the same experts */

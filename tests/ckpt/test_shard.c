@@ -528,6 +528,36 @@ static void fresh(const char *name, int64_t step, const layout *L, float *buf[3]
   T_OK(save(dir, step, 1, 1, L, buf, step_dir, cap));
 }
 
+/* Shards of several verification pieces (bam_ckpt_read checks a dataset's CRC-32C on first
+ * touch, streaming it in pieces of about 2^20 floats): reads of a few floats across a piece
+ * boundary and across shards, each the first touch of a freshly opened checkpoint, give the
+ * saved values, and the streamed CRC matches the index. */
+static void test_large_shards(void) {
+  layout L = make_layout(1024, 0);
+  float *big[3];
+  for (int b = 0; b < 3; b++) big[b] = malloc(L.n * sizeof(float));
+  char dir[300], sd[512];
+  path_of(dir, sizeof dir, root, "large");
+  fill(big, &L, 9, 0);
+  T_OK(save(dir, 9, 1, 0, &L, big, sd, sizeof sd));
+  const size_t piece = (size_t)1 << 20;
+  for (int s = 0; s < world; s++) {
+    bam_range sh = bam_partition(L.n, s, world);
+    T_CHECK(sh.hi - sh.lo > piece + 8, "shard %d holds %zu floats, not two pieces", s,
+            sh.hi - sh.lo);
+    bam_range rs[2] = {{sh.lo + piece - 3, sh.lo + piece + 5},
+                       {sh.hi - 7, sh.hi + 9 < L.n ? sh.hi + 9 : L.n}};
+    for (int k = 0; k < 2; k++) {
+      bam_ckpt *c = NULL;
+      T_OK(bam_ckpt_open(&c, sd));
+      if (c) check_range(c, rs[k], 1, &L, 9, 0);
+      bam_ckpt_close(&c);
+    }
+  }
+  for (int b = 0; b < 3; b++) free(big[b]);
+  barrier();
+}
+
 static void test_damage(const layout *L, float *buf[3]) {
   char sd[512], shard[512], name[64], idx[512];
   bam_ckpt *c = NULL;
@@ -850,6 +880,7 @@ int main(int argc, char **argv) {
     test_keep_replace_stale(&L, buf);
     test_collective_failure(&L, buf);
     test_damage(&L, buf);
+    test_large_shards();
     test_export(&L, buf);
     if (rank == 0) printf("%d ranks, %.2f s\n", world, MPI_Wtime() - t0);
   }

@@ -1,6 +1,7 @@
 /* bam-test-ranks: 1 2 3 4
  * The ordered reduce-scatter and all-gather: exact rank-order sums, slices that cover the
- * buffer, odd sizes and ranks with empty slices. */
+ * buffer, odd sizes and ranks with empty slices; a buffer large enough that the reduce-scatter
+ * runs several rounds of its 16 MiB receive buffer, the last one partial and uneven. */
 #include <math.h>
 #include <string.h>
 
@@ -53,7 +54,7 @@ int main(int argc, char **argv) {
   int rank, world;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  const size_t sizes[] = {1, 15, 16, 17, 40, 1000, 4097, 300001};
+  const size_t sizes[] = {1, 15, 16, 17, 40, 1000, 4097, 300001, 9000011};
   for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) run(sizes[k], rank, world);
 
   double v = 0.1 * (rank + 1) + 1e-17 * rank, expect = 0.1;
