@@ -9,7 +9,8 @@
  *
  * A negative target marks an ignored row (padding): loss 0, gradient 0. Targets must
  * otherwise be < V. Rows are independent: parallel over rows, each row's sums in a fixed
- * order. The normaliser is accumulated in double (free next to expf). */
+ * order. The normaliser is accumulated in double. The fused step computes each exp once:
+ * stored, summed, then scaled. */
 #include <math.h>
 
 #include "bam/kernels.h"
@@ -19,7 +20,8 @@
 static inline void row_stats(const float *x, int V, float *mx, double *sum) {
   const float m = bam_row_max(x, V);
   double s = 0.0;
-  for (int j = 0; j < V; j++) s += (double)expf(x[j] - m);
+#pragma omp simd reduction(+ : s)
+  for (int j = 0; j < V; j++) s += (double)bam_expf(x[j] - m);
   *mx = m;
   *sum = s;
 }
@@ -57,7 +59,8 @@ void bam_crossentropy_backward(float *dlogits, const float *logits, const int32_
     double s;
     row_stats(x, V, &m, &s);
     const float c = (float)((double)scale / s); /* scale * softmax = exp(x - m) * c */
-    for (int j = 0; j < V; j++) dx[j] += expf(x[j] - m) * c;
+#pragma omp simd
+    for (int j = 0; j < V; j++) dx[j] += bam_expf(x[j] - m) * c;
     dx[t] -= scale;
   }
 }
@@ -73,14 +76,14 @@ void bam_crossentropy_fused_inplace(float *logits, float *losses, const int32_t 
       for (int j = 0; j < V; j++) x[j] = 0.0f;
       continue;
     }
-    float m;
-    double s;
-    row_stats(x, V, &m, &s);
-    losses[i] = row_loss(x, t, m, s); /* before x[t] is overwritten */
-    /* Same expression order as bam_crossentropy_backward into a zero buffer, so the two
-     * agree bitwise. */
+    const float m = bam_row_max(x, V), xt = x[t];
+    const double s = bam_exp_shift_sum(x, x, m, V); /* x[j] = exp(x[j] - m) */
+    losses[i] = row_loss(&xt, 0, m, s);
+    /* The same values as bam_crossentropy_backward into a zero buffer (0 + e c = e c), so
+     * the two agree bitwise. */
     const float c = (float)((double)scale / s);
-    for (int j = 0; j < V; j++) x[j] = expf(x[j] - m) * c;
+#pragma omp simd
+    for (int j = 0; j < V; j++) x[j] *= c;
     x[t] -= scale;
   }
 }

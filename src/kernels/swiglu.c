@@ -10,10 +10,10 @@
 #include "internal.h"
 
 void bam_swiglu_forward(float *out, const float *gate, const float *up, long n) {
-#pragma omp parallel for schedule(static) if (n >= BAM_OMP_MIN_WORK)
+#pragma omp parallel for simd schedule(static) if (n >= BAM_OMP_MIN_WORK)
   for (long i = 0; i < n; i++) {
     const float a = gate[i];
-    const float sig = 1.0f / (1.0f + expf(-a));
+    const float sig = 1.0f / (1.0f + bam_expf(-a));
     out[i] = a * sig * up[i];
   }
 }
@@ -21,10 +21,10 @@ void bam_swiglu_forward(float *out, const float *gate, const float *up, long n) 
 void bam_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                          const float *up, long n) {
   if (!dgate && !dup) return;
-#pragma omp parallel for schedule(static) if (n >= BAM_OMP_MIN_WORK)
+#pragma omp parallel for simd schedule(static) if (n >= BAM_OMP_MIN_WORK)
   for (long i = 0; i < n; i++) {
     const float a = gate[i], go = dout[i];
-    const float sig = 1.0f / (1.0f + expf(-a));
+    const float sig = 1.0f / (1.0f + bam_expf(-a));
     if (dgate) dgate[i] += go * up[i] * sig * (1.0f + a * (1.0f - sig));
     if (dup) dup[i] += go * a * sig;
   }

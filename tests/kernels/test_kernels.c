@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "bam/kernels.h"
+#include "../../src/kernels/internal.h" /* bam_expf */
 #include "test_util.h"
 
 #define FD_H 1e-2f
@@ -542,6 +543,56 @@ static void test_crossentropy(void) {
   bam_free(fl), bam_free(ref_losses), bam_free(big), bam_free(bl);
 }
 
+/* The kernels' vectorised exp against exp in double: within 2 ulp over [-86.5, 88.72]
+ * (every 97th float bit pattern, about 10 million values), exactly 1 at 0, and expf's edge
+ * cases. Then the cross-entropy at a realistic vocabulary, where the vector loops and their
+ * tails run: fused == backward bitwise, and the losses against double. */
+static void test_expf_and_wide_crossentropy(void) {
+  double worst = 0;
+  size_t bad = 0, n = 0;
+  for (uint32_t u = 0; u < 0xFF800000u; u += 97) {
+    union { uint32_t u; float f; } v = {.u = u};
+    const float x = v.f;
+    if (!(x >= -86.5f && x <= 88.72f)) continue;
+    const double ref = exp((double)x);
+    const float y = bam_expf(x);
+    const double ulp = ldexp(1.0, ilogb((float)ref) - 23);
+    const double e = fabs((double)y - ref) / ulp;
+    worst = fmax(worst, e);
+    bad += !(e <= 2.0);
+    n++;
+  }
+  printf("bam_expf: worst %.2f ulp over %zu values\n", worst, n);
+  T_CHECK(bad == 0 && n > 5000000, "bam_expf beyond 2 ulp at %zu of %zu values (worst %.2f)", bad,
+          n, worst);
+  T_CHECK(bam_expf(0.0f) == 1.0f, "bam_expf(0) = %.9g", (double)bam_expf(0.0f));
+  T_CHECK(bam_expf(-INFINITY) == 0.0f && bam_expf(-100.0f) == 0.0f, "exp of -inf, -100 not 0");
+  T_CHECK(isinf(bam_expf(INFINITY)) && isinf(bam_expf(89.0f)), "exp of +inf, 89 not +inf");
+  T_CHECK(isfinite(bam_expf(88.72f)), "bam_expf(88.72) overflowed");
+  T_CHECK(isnan(bam_expf(NAN)), "bam_expf(NaN) is not NaN");
+
+  const int rows = 5, V = 4099;
+  static const int32_t tgt[5] = {0, 4098, -1, 17, 4096};
+  const size_t nl = (size_t)rows * V;
+  float *x = randn(nl, 0, 3), *losses = zeros(rows), *dl = zeros(nl), *fl = zeros(rows);
+  bam_crossentropy_forward(losses, x, tgt, rows, V);
+  size_t off = 0;
+  for (int i = 0; i < rows; i++) {
+    double s = 0, ref = 0;
+    if (tgt[i] >= 0) {
+      for (int j = 0; j < V; j++) s += exp((double)x[(size_t)i * V + j]);
+      ref = log(s) - x[(size_t)i * V + tgt[i]];
+    }
+    off += fabs(losses[i] - ref) > 1e-5 + 1e-6 * fabs(ref);
+  }
+  T_CHECK(off == 0, "crossentropy at V=%d differs from double at %zu rows", V, off);
+  bam_crossentropy_backward(dl, x, tgt, 0.25f, rows, V);
+  bam_crossentropy_fused_inplace(x, fl, tgt, 0.25f, rows, V);
+  T_CHECK(bitwise_equal(x, dl, nl), "fused in-place gradient != backward into zeros at V=%d", V);
+  T_CHECK(bitwise_equal(fl, losses, rows), "fused losses != forward losses at V=%d", V);
+  bam_free(x), bam_free(losses), bam_free(dl), bam_free(fl);
+}
+
 /* ================================ small helpers =================================== */
 static void test_helpers(void) {
   const int n = 5, d = 13;
@@ -668,6 +719,7 @@ int main(void) {
   test_swiglu();
   test_embedding();
   test_crossentropy();
+  test_expf_and_wide_crossentropy();
   test_helpers();
   test_determinism();
   BAM_TEST_END();
