@@ -18,6 +18,8 @@
 #define BAM_MAX_DOMAINS 8
 #define BAM_NAME_MAX 64
 
+struct bam_split_stream; /* the open HDF5 file and dataset of a streamed split */
+
 typedef struct {
   char domain[BAM_NAME_MAX];
   char tokenizer[BAM_NAME_MAX];
@@ -26,14 +28,30 @@ typedef struct {
   int64_t n_tokens;
   int64_t text_bytes;
   int64_t n_docs;
-  int32_t *tokens; /* n_tokens ids */
+  int32_t *tokens;                 /* n_tokens ids (bam_split_load); NULL when streamed */
+  struct bam_split_stream *stream; /* bam_split_open; NULL when loaded */
 } bam_split;
 
-/* Load one split ("train" or "val") of a domain. Fails with a message naming the file when
- * it is missing, malformed, its 'domain' attribute differs from domain, its vocab_size
- * differs from expect_vocab (if > 0), or a token is outside [0, vocab_size). */
+/* Open one split ("train" or "val") of a domain for streaming: checks the file and reads its
+ * attributes and length but no tokens (tokens stays NULL); the file and dataset stay open
+ * until bam_split_free. Fails with a message naming the file when it is missing, malformed
+ * (no integer 1-D dataset /<split>, attributes missing or of the wrong kind), its 'domain'
+ * attribute differs from domain, or its vocab_size differs from expect_vocab (if > 0).
+ * The token values are NOT checked here: each bam_split_read checks the tokens it reads, and
+ * that per-read check is the only guarantee a streamed split's tokens are in range. */
+bam_status bam_split_open(bam_split *out, const char *data_dir, const char *domain,
+                          const char *split, int expect_vocab);
+/* Read tokens [start, start + count) of an open split into dst (a hyperslab read, any
+ * dataset layout, converted to int32). Fails with a message naming the file and dataset when
+ * the range is outside the split or the read fails, and with the absolute index of the first
+ * token outside [0, vocab_size) if any. HDF5 here is not thread-safe (Debian's parallel
+ * build): call it from one thread. */
+bam_status bam_split_read(const bam_split *s, int64_t start, int64_t count, int32_t *dst);
+/* Load a split whole into tokens (bam_split_open, then every token read and range-checked,
+ * then the file closed): the same checks, plus a token outside [0, vocab_size) anywhere. */
 bam_status bam_split_load(bam_split *out, const char *data_dir, const char *domain,
                           const char *split, int expect_vocab);
+/* Free the tokens and close the file, whichever way the split was made; zeroes *s. */
 void bam_split_free(bam_split *s);
 
 /* Parse "general:0.9,code:0.1" (weights are normalised; an item without ":weight", as in
@@ -58,7 +76,11 @@ bam_status bam_mix_parse(bam_mix *out, const char *spec);
  * repeat within a domain's epoch. Rank r of P gets samples [r*B/P, (r+1)*B/P) of every global
  * batch (B must be divisible by P), so ranks' windows are disjoint and the union is
  * independent of P. The whole state is the batch counter, so resuming is exact. All domains
- * must share one tokenizer, and a split needs at least 2T tokens. */
+ * must share one tokenizer, and a split needs at least 2T tokens.
+ * The splits are streamed (bam_split_open): bam_loader_next reads each of this rank's windows
+ * from its HDF5 file, so no corpus is held in memory, and a token out of range is found when
+ * a window holding it is read (bam_loader_next fails), not at create. Call the loader from
+ * one thread (HDF5). */
 typedef struct bam_loader bam_loader;
 
 bam_status bam_loader_create(bam_loader **out, const char *data_dir, const bam_mix *mix,
@@ -67,7 +89,9 @@ bam_status bam_loader_create(bam_loader **out, const char *data_dir, const bam_m
 void bam_loader_free(bam_loader **l);
 int bam_loader_local_batch(const bam_loader *l);
 /* Fill inputs and targets (local_batch, T), row-major, for the next global batch; the
- * targets are the inputs shifted by one token. */
+ * targets are the inputs shifted by one token. Fails, naming the file and the token index,
+ * when a window cannot be read or holds a token outside the vocabulary; the position is
+ * then unchanged. */
 bam_status bam_loader_next(bam_loader *l, int32_t *inputs, int32_t *targets);
 int64_t bam_loader_position(const bam_loader *l);   /* global batches consumed */
 /* Resume: the next batch will be batch `batches` (negative means 0). The per-domain counters

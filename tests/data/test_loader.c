@@ -2,8 +2,13 @@
  * format of bam/data.h) in a temporary directory:
  *   alpha (3000 train tokens, variable-length string attributes, as h5py writes them),
  *   beta  (2000, fixed-length string attributes and int32 integers),
- *   gamma (5000), vocab 100, EOS 0, random ids; plus broken files for the error paths.
- * Checks: split contents and attributes; determinism in the seed; windows in range with
+ *   gamma (5000, chunked and deflate-compressed), vocab 100, EOS 0, random ids; plus broken
+ *   files for the error paths.
+ * Checks: split contents and attributes; streamed reads (bam_split_read) equal to the split
+ * loaded whole, and failing cleanly outside the split; the loader's batches equal, bitwise, to
+ * the sampling contract of bam/data.h computed here from the loaded splits (P = 1, 2, 4);
+ * a bad token far into a split failing bam_loader_next, not create; determinism in the seed;
+ * windows in range with
  * targets = inputs shifted by one and equal to bam_loader_window's report; ranks (P = 1, 2,
  * 4) disjoint with a union equal, in order, to the P = 1 batch; no window repeats within a
  * domain's epoch and an epoch covers every slot; mixing frequencies within binomial bounds;
@@ -33,6 +38,7 @@ typedef struct {
   const char *omit;       /* an attribute left out */
   int64_t bad_index;      /* >= 0: this train token becomes bad_value */
   int bad_value;
+  int chunked;            /* chunked datasets, deflate-compressed where the filter exists */
 } file_opts;
 
 static void attr_str(hid_t obj, const char *name, const char *value, int fixed) {
@@ -91,7 +97,14 @@ static void write_split(hid_t file, const char *domain, const char *split, int64
   hid_t space = H5Screate_simple(1, dims, NULL);
   char name[32];
   snprintf(name, sizeof name, "/%s", split);
-  hid_t d = H5Dcreate2(file, name, H5T_STD_U16LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+  hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  if (o->chunked) { /* chunks smaller than a window, so windows straddle chunk boundaries */
+    hsize_t chunk[1] = {13};
+    H5Pset_chunk(dcpl, 1, chunk);
+    if (H5Zfilter_avail(H5Z_FILTER_DEFLATE) > 0) H5Pset_deflate(dcpl, 4);
+  }
+  hid_t d = H5Dcreate2(file, name, H5T_STD_U16LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  H5Pclose(dcpl);
   T_CHECK(d >= 0 && H5Dwrite(d, H5T_NATIVE_UINT16, H5S_ALL, H5S_ALL, H5P_DEFAULT, tok) >= 0,
           "writing %s %s", domain, name);
   if (!o->omit || strcmp(o->omit, "text_bytes")) attr_int(d, "text_bytes", 4 * n, o->fixed_strings);
@@ -117,7 +130,7 @@ static void write_file(const char *domain, int64_t n_train, int64_t n_val, const
 }
 
 static file_opts defaults(void) {
-  file_opts o = {NULL, NULL, VOCAB, EOS, 0, NULL, -1, 0};
+  file_opts o = {NULL, NULL, VOCAB, EOS, 0, NULL, -1, 0, 0};
   return o;
 }
 
@@ -416,6 +429,178 @@ static void test_seek(void) {
   bam_loader_free(&l);
 }
 
+/* bam_split_open reads no tokens; bam_split_read of any range equals the split loaded whole
+ * (gamma is chunked and compressed); reads outside the split fail naming the file. */
+static void test_streamed_read(void) {
+  int32_t *buf = malloc(5000 * sizeof *buf);
+  for (int d = 0; d < 3; d++) {
+    const bam_split *ref = &splits[d];
+    bam_split s;
+    T_OK(bam_split_open(&s, dir, names[d], "train", VOCAB));
+    T_CHECK(s.tokens == NULL && s.stream != NULL, "%s: open loaded tokens", names[d]);
+    T_CHECK(s.n_tokens == ref->n_tokens && s.vocab_size == ref->vocab_size &&
+                s.eos_id == ref->eos_id && s.n_docs == ref->n_docs &&
+                s.text_bytes == ref->text_bytes && !strcmp(s.tokenizer, ref->tokenizer),
+            "%s: open and load disagree on the attributes", names[d]);
+    bam_rng r;
+    bam_rng_seed(&r, 11, (uint64_t)d);
+    int same = 0, tried = 0;
+    for (int t = 0; t < 200; t++) {
+      int64_t start = (int64_t)bam_rng_below(&r, (uint64_t)s.n_tokens + 1);
+      int64_t count = (int64_t)bam_rng_below(&r, (uint64_t)(s.n_tokens - start) + 1);
+      if (t == 0) start = 0, count = s.n_tokens;   /* everything */
+      if (t == 1) start = s.n_tokens - 1, count = 1; /* the last token */
+      memset(buf, 0xff, 5000 * sizeof *buf);
+      tried++;
+      if (bam_split_read(&s, start, count, buf) != BAM_OK) continue;
+      same += !memcmp(buf, ref->tokens + start, (size_t)count * sizeof *buf) &&
+              (count == s.n_tokens || buf[count] == -1); /* and nothing past count */
+    }
+    T_CHECK(same == tried, "%s: %d of %d streamed reads equal the loaded split", names[d], same,
+            tried);
+    char path[256], frag[128];
+    snprintf(path, sizeof path, "%s/tokens/%s.h5", dir, names[d]);
+    snprintf(frag, sizeof frag, "tokens [%lld, %lld) are outside dataset '/train' of %lld tokens",
+             (long long)s.n_tokens - 5, (long long)s.n_tokens + 1, (long long)s.n_tokens);
+    expect_error(bam_split_read(&s, s.n_tokens - 5, 6, buf), BAM_ERR_ARG, "read past the end",
+                 path, frag);
+    expect_error(bam_split_read(&s, -1, 2, buf), BAM_ERR_ARG, "read before the start", path,
+                 "tokens [-1, 1) are outside");
+    expect_error(bam_split_read(&s, 0, INT64_MAX, buf), BAM_ERR_ARG, "huge read", path,
+                 "are outside dataset");
+    T_OK(bam_split_read(&s, s.n_tokens, 0, buf)); /* an empty read at the end is fine */
+    bam_split_free(&s);
+    T_CHECK(s.stream == NULL && s.n_tokens == 0, "bam_split_free clears a streamed split");
+  }
+  expect_error(bam_split_read(&splits[0], 0, 1, buf), BAM_ERR_ARG, "read of a loaded split",
+               "domain 'alpha' is not open", NULL);
+  free(buf);
+}
+
+/* The sampling contract of bam/data.h, computed here from its text and the loaded splits:
+ * the window start of domain d's k-th sample. Recomputes the epoch's permutation on every
+ * call (no cache: slow and obviously so). */
+static int64_t contract_start(uint64_t seed, int d, int64_t k, int64_t n_slots, int T,
+                              uint32_t *perm) {
+  int64_t e = k / n_slots;
+  bam_rng r;
+  bam_rng_seed(&r, seed, ((uint64_t)(d + 1) << 56) ^ (uint64_t)e);
+  int64_t off = (int64_t)bam_rng_below(&r, (uint64_t)T);
+  for (int64_t i = 0; i < n_slots; i++) perm[i] = (uint32_t)i;
+  for (int64_t i = n_slots - 1; i > 0; i--) { /* Fisher-Yates, from the top */
+    int64_t x = (int64_t)bam_rng_below(&r, (uint64_t)i + 1);
+    uint32_t t = perm[i];
+    perm[i] = perm[x];
+    perm[x] = t;
+  }
+  return off + (int64_t)perm[k % n_slots] * T;
+}
+
+/* Every rank's streamed batch is bitwise the contract's windows of the loaded splits, for
+ * P = 1, 2, 4, across several epochs of beta, and after a seek. */
+static void test_contract(void) {
+  const int T = 16, B = 8, N = 120; /* 960 samples: beta (124 slots) sees about 4 epochs */
+  const char *spec = "alpha:1,beta:2,gamma:1";
+  const double cum[3] = {0.25, 0.75, 1.0}; /* its cumulative normalised weights */
+  const uint64_t seed = 2024;
+  uint32_t *perm = malloc(5000 * sizeof *perm);
+  size_t n = (size_t)B * T;
+  int32_t *want_in = malloc((size_t)N * n * 4), *want_tg = malloc((size_t)N * n * 4);
+  int32_t *in = malloc(n * 4), *tg = malloc(n * 4);
+  int64_t count[3] = {0, 0, 0};
+  for (int64_t j = 0; j < (int64_t)N * B; j++) {
+    double u = (double)(bam_hash64(seed ^ bam_hash64((uint64_t)j)) >> 11) * 0x1.0p-53;
+    int d = u < cum[0] ? 0 : u < cum[1] ? 1 : 2;
+    const bam_split *s = &splits[d];
+    int64_t start = contract_start(seed, d, count[d]++, (s->n_tokens - T) / T, T, perm);
+    memcpy(want_in + j * T, s->tokens + start, (size_t)T * 4);
+    memcpy(want_tg + j * T, s->tokens + start + 1, (size_t)T * 4);
+  }
+  const int worlds[3] = {1, 2, 4};
+  for (int wi = 0; wi < 3; wi++) {
+    int P = worlds[wi], lb = B / P;
+    for (int r = 0; r < P; r++) {
+      bam_loader *l = make(spec, T, B, r, P, seed);
+      if (!l) continue;
+      int equal = 0;
+      for (int b = 0; b < N; b++) {
+        T_OK(bam_loader_next(l, in, tg));
+        size_t at = (size_t)b * n + (size_t)r * lb * T;
+        equal += !memcmp(in, want_in + at, (size_t)lb * T * 4) &&
+                 !memcmp(tg, want_tg + at, (size_t)lb * T * 4);
+      }
+      T_CHECK(equal == N, "P=%d rank %d: %d of %d batches follow the contract", P, r, equal, N);
+      bam_loader_seek(l, 77);
+      T_OK(bam_loader_next(l, in, tg));
+      size_t at = (size_t)77 * n + (size_t)r * lb * T;
+      T_CHECK(!memcmp(in, want_in + at, (size_t)lb * T * 4), "P=%d rank %d: seek(77) differs",
+              P, r);
+      bam_loader_free(&l);
+    }
+  }
+  free(perm), free(want_in), free(want_tg), free(in), free(tg);
+}
+
+/* Token 77777 of latebad's 100000 is out of range. Create succeeds (it reads no tokens);
+ * bam_loader_next fails at the first batch holding a window over it, on the rank that reads
+ * that window, naming the file and the index, and leaves the position where it was. */
+static void test_late_bad_token(void) {
+  const int T = 16, B = 8;
+  const int64_t bad = 77777;
+  char path[256];
+  snprintf(path, sizeof path, "%s/tokens/latebad.h5", dir);
+  const char *msg = "token 150 at index 77777 of /train is out of range for vocab_size 100";
+  bam_split s;
+  expect_error(bam_split_load(&s, dir, "latebad", "train", VOCAB), BAM_ERR_DATA,
+               "bad token, whole split", path, msg);
+  bam_loader *ref = make("latebad", T, B, 0, 1, 8);
+  if (!ref) return;
+  /* the first batch with a window [off, off + T] over the bad token, and its samples that
+   * hold it (two neighbouring windows share a token) */
+  int64_t fail_b = -1;
+  unsigned holders = 0;
+  for (int64_t b = 0; b < 1000 && fail_b < 0; b++)
+    for (int i = 0; i < B; i++) {
+      int d;
+      int64_t off;
+      T_OK(bam_loader_window(ref, b, i, &d, &off));
+      if (off <= bad && bad <= off + T) fail_b = b, holders |= 1u << i;
+    }
+  bam_loader_free(&ref);
+  T_CHECK(fail_b > 10, "the bad token is read at batch %lld, expected later",
+          (long long)fail_b);
+  if (fail_b < 0) return;
+  int32_t *in = malloc((size_t)B * T * 4), *tg = malloc((size_t)B * T * 4);
+  for (int P = 1; P <= 2; P++)
+    for (int r = 0; r < P; r++) {
+      bam_loader *l = make("latebad", T, B, r, P, 8);
+      if (!l) continue;
+      int64_t ok = 0;
+      while (ok < fail_b && bam_loader_next(l, in, tg) == BAM_OK) ok++;
+      T_CHECK(ok == fail_b, "P=%d rank %d: batch %lld failed before batch %lld", P, r,
+              (long long)ok, (long long)fail_b);
+      bam_error_clear();
+      int owner = 0;
+      for (int i = r * B / P; i < (r + 1) * B / P; i++) owner |= (holders >> i) & 1;
+      bam_status st = bam_loader_next(l, in, tg);
+      if (owner) {
+        char what[64];
+        snprintf(what, sizeof what, "P=%d rank %d: the batch with the bad token", P, r);
+        expect_error(st, BAM_ERR_DATA, what, path, msg);
+        T_CHECK(bam_loader_position(l) == fail_b, "P=%d rank %d: a failed next moved to %lld", P,
+                r, (long long)bam_loader_position(l));
+        expect_error(bam_loader_next(l, in, tg), BAM_ERR_DATA, "the same batch again", path,
+                     msg);
+      } else {
+        T_CHECK(st == BAM_OK, "P=%d rank %d does not read the bad window but failed: %s", P, r,
+                bam_error_message());
+        bam_error_clear();
+      }
+      bam_loader_free(&l);
+    }
+  free(in), free(tg);
+}
+
 static void test_errors(void) {
   bam_mix mix;
   bam_loader *l = NULL;
@@ -511,7 +696,12 @@ int main(void) {
   o.fixed_strings = 1;
   write_file("beta", 2000, 500, &o);
   o = defaults();
+  o.chunked = 1;
   write_file("gamma", 5000, 800, &o);
+  o = defaults();
+  o.bad_index = 77777; /* far into the split: only the window holding it finds it */
+  o.bad_value = 150;
+  write_file("latebad", 100000, 100, &o);
   o.bad_index = 17;
   o.bad_value = 150;
   write_file("outofrange", 1000, 100, &o);
@@ -545,6 +735,9 @@ int main(void) {
   test_windows_epochs_mixing();
   test_ranks();
   test_seek();
+  test_streamed_read();
+  test_contract();
+  test_late_bad_token();
   test_errors();
 
   for (int d = 0; d < 3; d++) bam_split_free(&splits[d]);
