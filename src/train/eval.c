@@ -26,13 +26,25 @@ static int split_names(const char *list, char names[][BAM_NAME_MAX], int cap) {
 }
 
 /* Cross-entropy (nats/token) of an add-1/2 smoothed unigram model of `train` on the
- * targets of the evaluated windows of `val`. */
-static double unigram_loss(const bam_split *train, const bam_split *val, int64_t n_windows, int T) {
-  int V = train->vocab_size;
+ * targets of the evaluated windows of `val`. The training split is streamed (opened with
+ * bam_split_open) and counted in pieces, so no corpus is held in memory. */
+static bam_status unigram_loss(const bam_split *train, const bam_split *val, int64_t n_windows,
+                               int T, double *out) {
+  enum { PIECE = 1 << 16 };
+  const int V = train->vocab_size;
   double *count = calloc((size_t)V, sizeof *count);
-  if (!count) return NAN;
-  for (int64_t i = 0; i < train->n_tokens; i++) count[train->tokens[i]] += 1.0;
-  double total = (double)train->n_tokens + 0.5 * V;
+  int32_t *piece = malloc(PIECE * sizeof *piece);
+  bam_status st = BAM_OK;
+  if (!count || !piece) {
+    st = bam_error_set(BAM_ERR_NOMEM, __FILE__, __LINE__, "cannot allocate unigram counts");
+    goto done;
+  }
+  for (int64_t at = 0; at < train->n_tokens; at += PIECE) {
+    const int64_t len = train->n_tokens - at < PIECE ? train->n_tokens - at : PIECE;
+    BAM_CHECK_GOTO(st, bam_split_read(train, at, len, piece), done);
+    for (int64_t i = 0; i < len; i++) count[piece[i]] += 1.0;
+  }
+  const double total = (double)train->n_tokens + 0.5 * V;
   double nll = 0;
   int64_t n = 0;
   for (int64_t w = 0; w < n_windows; w++)
@@ -41,8 +53,11 @@ static double unigram_loss(const bam_split *train, const bam_split *val, int64_t
       nll -= log((count[y] + 0.5) / total);
       n++;
     }
+  *out = n ? nll / (double)n : NAN;
+done:
   free(count);
-  return n ? nll / (double)n : NAN;
+  free(piece);
+  return st;
 }
 
 bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains, int max_tokens,
@@ -151,8 +166,8 @@ bam_status bam_evaluate(bam_net *net, const bam_config *cfg, const char *domains
       }
       if (with_unigram) {
         bam_split train = {0};
-        st = bam_split_load(&train, cfg->data_dir, names[d], "train", V);
-        if (st == BAM_OK) r->unigram_loss = unigram_loss(&train, &val, n_windows, T);
+        st = bam_split_open(&train, cfg->data_dir, names[d], "train", V);
+        if (st == BAM_OK) st = unigram_loss(&train, &val, n_windows, T, &r->unigram_loss);
         bam_split_free(&train);
       }
     }
