@@ -3,7 +3,7 @@
  *
  *   build/bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
  *                   [--experts E] [--batch B] [--steps N] [--warmup W] [--threads T]
- *                   [--ranks R]
+ *                   [--ranks R] [--concurrent 1|0|-1]
  *
  * Prints one JSON line per measurement: first the cblas_sgemm GFLOP/s on square 2048 and on
  * each matrix shape the model's training step uses, then, per model kind and shape, the
@@ -16,7 +16,8 @@
  * the memory the state needs (bench/compare.sh uses it for the rows of the trainer). With
  * --ranks R (only with --steps 0) that need is per rank of R data-parallel ranks as
  * `bam pretrain` / `bam train` hold it: parameters and gradients whole, AdamW moments 1/R,
- * activations of the local batch B/R. */
+ * activations of the local batch B/R. --concurrent sets train.concurrent_branches (default -1,
+ * auto: what the trainer does). */
 #include <cblas.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -53,7 +54,7 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
 
 int main(int argc, char **argv) {
   const char *which = "all", *kinds = "all";
-  int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1;
+  int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1, concurrent = -1;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
     else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
@@ -62,10 +63,12 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--experts")) experts = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--ranks")) ranks = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--concurrent")) concurrent = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
     else {
       fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all] "
-              "[--experts E] [--steps N] [--warmup W] [--batch B] [--threads T] [--ranks R]\n");
+              "[--experts E] [--steps N] [--warmup W] [--batch B] [--threads T] [--ranks R] "
+              "[--concurrent 1|0|-1]\n");
       return 2;
     }
   }
@@ -108,6 +111,7 @@ int main(int argc, char **argv) {
       bam_config cfg;
       bam_config_defaults(&cfg);
       cfg.model = *s;
+      cfg.concurrent_branches = concurrent;
       if (k > 0) {
         bam_strlcpy(cfg.method, kind_names[k], sizeof cfg.method);
         cfg.n_ffn_experts = experts;

@@ -5,6 +5,7 @@
 #
 #   bench/compare.sh [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
 #                    [--threads 1|2|all] [--ranks 1|2|all] [--steps N] [--build DIR]
+#   bench/compare.sh --table        only rewrite the table from the .jsonl
 #
 # Lists may be comma-separated (--kind btx,bam). Per shape, kind and thread count (ranks 1):
 # bam-bench and torch_bench.py, 2 warm-up steps then the median of N (default: 3 on quick,
@@ -25,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CMD="bench/compare.sh${*:+ $*}"
 
-usage() { sed -n '6,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '6,8p' "$0" | sed 's/^# *//' >&2; exit 2; }
 # list VALUE "all choices": "all" -> every choice, "a,b" -> "a b", each checked
 list() {
   local v=${1//,/ } out="" x
@@ -37,8 +38,9 @@ list() {
   echo "${out% }"
 }
 SHAPES="quick paper-small" KINDS="dense btx bam bam-shared-kv" THREADS="1 2" RANKS="1 2"
-STEPS="" BUILD=${BUILD:-build}
+STEPS="" BUILD=${BUILD:-build} TABLE_ONLY=""
 while (($#)); do
+  if [[ $1 == --table ]]; then TABLE_ONLY=1 SHAPES=""; shift; continue; fi
   [[ $# -ge 2 ]] || usage
   case $1 in
     --shape) SHAPES=$(list "$2" "quick paper-small") ;;
@@ -52,10 +54,11 @@ while (($#)); do
   shift 2
 done
 
+[[ -z $TABLE_ONLY ]] || SHAPES=""
 PY=${BAM_PYTHON:-/usr/bin/python3}
 "$PY" -c 'import torch' 2>/dev/null || { echo "$PY cannot import torch (apt-get install python3-torch)" >&2; exit 2; }
 for b in bam-bench bam; do
-  [[ -x $BUILD/$b ]] || { echo "no $BUILD/$b: cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2; exit 2; }
+  [[ -n $TABLE_ONLY || -x $BUILD/$b ]] || { echo "no $BUILD/$b: cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2; exit 2; }
 done
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 HOST=$(hostname)
@@ -198,6 +201,9 @@ for r in rows:
         runs.append(run)
 names = {"dense": "dense", "btx": "BTX", "bam": "BAM", "bam-shared-kv": "BAM shared-KV"}
 fmt = lambda v, f: "n/a" if v is None else format(v, f)
+# the most any implementation could lead this PyTorch run by: the ceiling over PyTorch's rate
+bound = lambda r: (r["sgemm_ceiling_gflops"] / r["torch_model_gflops"]
+                   if r.get("torch_model_gflops") else None)
 print(f"# bam beside PyTorch on {host}\n")
 print(f"PyTorch {torch.__version__}. Training steps (forward + backward + clip + AdamW), 2 "
       "warm-up steps then the median of `steps`. Rows 1 x T: bam-bench beside "
@@ -207,15 +213,16 @@ print(f"PyTorch {torch.__version__}. Training steps (forward + backward + clip +
 for i, (cmd, date) in enumerate(runs, 1):
     print(f"{i}. `{cmd}` on {date} (UTC)")
 print("\n| shape | model | ranks x threads | steps | tokens/s | model GFLOP/s | of sgemm ceiling "
-      "| PyTorch tokens/s | bam / PyTorch | peak RSS MiB | need MiB | RSS / need | load | run |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "| PyTorch tokens/s | bam / PyTorch | ceiling / PyTorch | peak RSS MiB | need MiB "
+      "| RSS / need | load | run |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     run = runs.index((r.get("command", "?"), r["date"])) + 1
     print(f"| {r['shape']} | {names[r['kind']]} | {r['ranks']} x {r['threads']} | {r['steps']} | "
           f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} | "
           f"{100 * r['ceiling_share']:.0f}% of {r['sgemm_ceiling_gflops']:.0f} | "
           f"{fmt(r['torch_tokens_per_s'], ',.0f')} | {fmt(r['ratio_to_torch'], '.2f')} | "
-          f"{r['peak_rss_mib']:,} | {r['state_need_mib']:,} | {r['rss_over_need']:.2f} | "
+          f"{fmt(bound(r), '.2f')} | {r['peak_rss_mib']:,} | {r['state_need_mib']:,} | {r['rss_over_need']:.2f} | "
           f"{r['load_avg_1min_after']:.1f} | {run} |")
 notes = {r["torch_note"] for r in rows if r["torch_note"]}
 for n_ in sorted(notes):

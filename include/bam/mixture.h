@@ -125,9 +125,10 @@ typedef struct {
    * OpenMP threads (each branch's BLAS calls then single-threaded), the FFN's all-to-all
    * exchanges overlapping the attention experts' compute; 0: one after the other, each
    * product on every thread; -1 (default, auto): concurrently when there are two threads or
-   * more and the branches' forward FLOPs per token are within 1.5x (BTX; not BAM, whose Ea
-   * attention experts outweigh its FFN, so one thread would wait for the other). The two give the same results to float rounding (a
-   * product on one thread may sum in another order); each is bitwise repeatable. */
+   * more, the branches' forward FLOPs per token are within 1.5x (BTX; not BAM, whose Ea
+   * attention experts outweigh its FFN, so one thread would wait for the other) and d_model
+   * is at most BAM_CONCURRENT_MAX_D (model.h). The two give the same results to float
+   * rounding (a product on one thread may sum in another order); each is bitwise repeatable. */
   int concurrent_branches;
 } bam_mixture;
 

@@ -90,10 +90,16 @@ typedef struct {
   /* 1: the attention and FFN branches of each block run at the same time on two OpenMP
    * threads (each branch's products then single-threaded); 0: one after the other, every
    * product on every thread; -1 (default, auto): concurrently when there are two threads or
-   * more (the branches' FLOPs are within 1.5x: they balance). The same results to float
-   * rounding; each mode bitwise repeatable. */
+   * more (the branches' FLOPs are within 1.5x: they balance) and d_model is at most
+   * BAM_CONCURRENT_MAX_D. The same results to float rounding; each mode bitwise repeatable. */
   int concurrent_branches;
 } bam_model;
+
+/* Auto concurrent branches only up to this d_model. Small products scale poorly over two
+ * threads, so giving each branch a thread wins (quick shape, d 256: dense and BTX 10-25%
+ * faster); at d 1024 a two-thread sgemm scales well and the branches' imbalance costs more
+ * (paper-small dense and BTX 1-4% slower concurrently; bench/bench.c --concurrent). */
+#define BAM_CONCURRENT_MAX_D 512
 
 /* Allocate parameters, gradients and activations for batches of up to max_batch sequences
  * of up to shape->seq_len tokens. Nothing is allocated after this. */

@@ -1218,12 +1218,14 @@ static void moe_backward_ep(bam_mixture *m, const dims *z, int l, int B, int T,
 /* ---- forward and backward of the whole model ---- */
 
 /* Whether the two branches of a layer run at the same time (concurrent_branches; mixture.h):
- * on needs two threads; auto (-1) also needs branches of similar cost, forward FLOPs per
- * token within 1.5x of each other (method.md section 5), since each branch then has one
- * thread: BTX's dense attention and its FFN, not BAM's Ea attention experts against one FFN. */
+ * on needs two threads; auto (-1) also needs small products (BAM_CONCURRENT_MAX_D) and
+ * branches of similar cost, forward FLOPs per token within 1.5x of each other (method.md
+ * section 5), since each branch then has one thread: BTX's dense attention and its FFN, not
+ * BAM's Ea attention experts against one FFN. */
 static int branches_concurrent(const bam_mixture *m) {
   if (m->concurrent_branches == 0 || omp_get_max_threads() < 2 || omp_in_parallel()) return 0;
   if (m->concurrent_branches > 0) return 1;
+  if (m->shape.base.d_model > BAM_CONCURRENT_MAX_D) return 0;
   const bam_mixture_shape *s = &m->shape;
   const double d = s->base.d_model, kvd = bam_kv_dim(&s->base), f = s->base.d_ff,
                T = s->base.seq_len;

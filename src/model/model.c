@@ -236,10 +236,12 @@ static layer_acts acts_of(const bam_model *m, int l) {
 }
 
 /* concurrent_branches resolved: auto needs two threads (a dense block's attention and FFN
- * balance: 8d^2 + 2Td against 6df at the shapes this project trains). A parallel region with
- * an if clause that is false runs on one thread as if it were not there. */
+ * balance: 8d^2 + 2Td against 6df at the shapes this project trains) and small products
+ * (BAM_CONCURRENT_MAX_D). A parallel region with an if clause that is false runs on one
+ * thread as if it were not there. */
 static int branches_concurrent(const bam_model *m) {
-  return m->concurrent_branches != 0 && omp_get_max_threads() >= 2 && !omp_in_parallel();
+  if (m->concurrent_branches == 0 || omp_get_max_threads() < 2 || omp_in_parallel()) return 0;
+  return m->concurrent_branches > 0 || m->shape.d_model <= BAM_CONCURRENT_MAX_D;
 }
 
 bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t *targets, int B,
