@@ -76,6 +76,9 @@ void bam_crossentropy_fused_inplace(float *logits, float *losses, const int32_t 
 
 /* ---- small helpers ---- */
 void bam_softmax_rows(float *y, const float *x, int n, int d); /* y may alias x */
+/* One row in place, on the calling thread (for callers that spread rows over threads
+ * themselves, e.g. the decoder's heads); the same values as a row of bam_softmax_rows. */
+void bam_softmax_row(float *p, int n);
 void bam_add_inplace(float *y, const float *x, long n);       /* y += x */
 
 /* Routers (mixtures). In place, per row of E: logits -> softmax probabilities (max-subtracted,

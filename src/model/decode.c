@@ -306,25 +306,18 @@ static void attend_one(const bam_decoder *D, float *out, const float *q, const f
     const int kvh = h / G;
     float *S = D->scores + (size_t)omp_get_thread_num() * ATT_BLOCK * (size_t)D->max_len;
     const float *qh = q + (size_t)h * hd;
-    float mx = -INFINITY;
     for (int j = 0; j < len; j++) {
       const float *kj = kc + (size_t)j * kvd + (size_t)kvh * hd;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int c = 0; c < hd; c++) s += qh[c] * kj[c];
       S[j] = scale * s;
-      mx = S[j] > mx ? S[j] : mx;
     }
-    double sum = 0.0;
-    for (int j = 0; j < len; j++) {
-      S[j] = expf(S[j] - mx);
-      sum += (double)S[j];
-    }
-    const float inv = (float)(1.0 / sum);
+    bam_softmax_row(S, len);
     float *oh = out + (size_t)h * hd;
     for (int c = 0; c < hd; c++) oh[c] = 0.0f;
     for (int j = 0; j < len; j++) {
-      const float pj = S[j] * inv;
+      const float pj = S[j];
       const float *vj = vc + (size_t)j * kvd + (size_t)kvh * hd;
 #pragma omp simd
       for (int c = 0; c < hd; c++) oh[c] += pj * vj[c];
@@ -364,16 +357,7 @@ static void attend(const bam_decoder *D, float *out, const float *q, const float
     for (int ii = 0; ii < m; ii++) {
       float *p = S + (size_t)ii * nk;
       const int len = pos0 + r0 + ii + 1;
-      float mx = -INFINITY;
-      for (int j = 0; j < len; j++) mx = p[j] > mx ? p[j] : mx;
-      double sum = 0.0;
-      for (int j = 0; j < len; j++) {
-        p[j] = expf(p[j] - mx);
-        sum += (double)p[j];
-      }
-      const float inv = (float)(1.0 / sum);
-#pragma omp simd
-      for (int j = 0; j < len; j++) p[j] *= inv;
+      bam_softmax_row(p, len);
       for (int j = len; j < nk; j++) p[j] = 0.0f;
     }
     /* O(m, hd) = P V */
