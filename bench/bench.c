@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "args.h"
 #include "bam/net.h"
 #include "bam/optim.h"
 
@@ -52,29 +53,46 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
   return 2.0 * m * n * k / bam_median(t, reps) / 1e9;
 }
 
+static const char *const SHAPES[] = {"quick", "paper-small", "all", NULL};
+static const char *const KINDS[] = {"dense", "btx", "bam", "bam-shared-kv", "all", NULL};
+
+static int usage(FILE *f) {
+  fprintf(f, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]\n"
+             "                 [--experts E] [--batch B] [--steps N (0-%d)] [--warmup W (0-10)]\n"
+             "                 [--threads T] [--ranks R] [--concurrent 1|0|-1]\n"
+             "(bench/bench.c and docs/performance.md say what it measures)\n", MAX_STEPS);
+  return f == stdout ? 0 : 2;
+}
+
 int main(int argc, char **argv) {
-  const char *which = "all", *kinds = "all";
-  int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1, concurrent = -1;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
-    else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--kind")) kinds = argv[i + 1];
-    else if (!strcmp(argv[i], "--experts")) experts = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--ranks")) ranks = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--concurrent")) concurrent = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
-    else {
-      fprintf(stderr, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all] "
-              "[--experts E] [--steps N] [--warmup W] [--batch B] [--threads T] [--ranks R] "
-              "[--concurrent 1|0|-1]\n");
-      return 2;
+  const char *P = "bam-bench", *which = "all", *kinds = "all";
+  int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1, concurrent = -1, threads_opt = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *opt = argv[i], *v;
+    if (!strcmp(opt, "--help") || !strcmp(opt, "-h")) return usage(stdout);
+    if (strncmp(opt, "--", 2)) {
+      fprintf(stderr, "%s: unexpected argument '%s'\n", P, opt);
+      return usage(stderr);
     }
+    if (!(v = bench_value(P, argc, argv, &i))) return 2;
+    int ok;
+    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, SHAPES);
+    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, KINDS);
+    else if (!strcmp(opt, "--steps")) ok = bench_int(P, opt, v, 0, MAX_STEPS, &steps);
+    else if (!strcmp(opt, "--batch")) ok = bench_int(P, opt, v, 1, 1 << 16, &batch);
+    else if (!strcmp(opt, "--experts")) ok = bench_int(P, opt, v, 1, 64, &experts);
+    else if (!strcmp(opt, "--warmup")) ok = bench_int(P, opt, v, 0, 10, &warmup);
+    else if (!strcmp(opt, "--ranks")) ok = bench_int(P, opt, v, 1, 1 << 16, &ranks);
+    else if (!strcmp(opt, "--concurrent")) ok = bench_int(P, opt, v, -1, 1, &concurrent);
+    else if (!strcmp(opt, "--threads")) ok = bench_int(P, opt, v, 1, 4096, &threads_opt);
+    else {
+      fprintf(stderr, "%s: unknown option %s\n", P, opt);
+      return usage(stderr);
+    }
+    if (!ok) return 2;
   }
-  if (steps < 0 || steps > MAX_STEPS) steps = 5;
-  if (warmup < 0 || warmup > 10) warmup = 2;
-  if (ranks < 1 || (ranks > 1 && steps > 0)) {
+  if (threads_opt > 0) omp_set_num_threads(threads_opt);
+  if (ranks > 1 && steps > 0) {
     fprintf(stderr, "bam-bench: --ranks R > 1 only with --steps 0 (the state per rank)\n");
     return 2;
   }

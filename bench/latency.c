@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "args.h"
 #include "bam/decode.h"
 #include "bam/net.h"
 
@@ -115,31 +116,46 @@ static int fail(void) {
   return 1;
 }
 
+static const char *const SHAPES[] = {"quick", "paper-small", "all", NULL};
+static const char *const KINDS[] = {"dense", "btx", "bam", "bam-shared-kv", "all", NULL};
+
+static int usage(FILE *f) {
+  fprintf(f, "usage: bam-latency [--shape quick|paper-small|all] "
+             "[--kind dense|btx|bam|bam-shared-kv|all]\n"
+             "                   [--prompt N] [--new N] [--runs N (1-100)] "
+             "[--nocache-runs N (0-100)] [--experts E] [--threads T]\n"
+             "(bench/latency.c and docs/inference.md say what it measures)\n");
+  return f == stdout ? 0 : 2;
+}
+
 int main(int argc, char **argv) {
-  const char *which = "all", *kinds = "all";
-  int n_prompt = 256, n_new = 16, runs = 10, nc_runs = -1, experts = 4;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--shape")) which = argv[i + 1];
-    else if (!strcmp(argv[i], "--kind")) kinds = argv[i + 1];
-    else if (!strcmp(argv[i], "--prompt")) n_prompt = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--new")) n_new = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--runs")) runs = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--nocache-runs")) nc_runs = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--experts")) experts = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--threads")) omp_set_num_threads(atoi(argv[i + 1]));
-    else {
-      fprintf(stderr, "usage: bam-latency [--shape quick|paper-small|all] "
-              "[--kind dense|btx|bam|bam-shared-kv|all] [--prompt N] [--new N] [--runs N] "
-              "[--nocache-runs N] [--experts E] [--threads T]\n");
-      return 2;
+  const char *P = "bam-latency", *which = "all", *kinds = "all";
+  int n_prompt = 256, n_new = 16, runs = 10, nc_runs = -1, experts = 4, threads_opt = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *opt = argv[i], *v;
+    if (!strcmp(opt, "--help") || !strcmp(opt, "-h")) return usage(stdout);
+    if (strncmp(opt, "--", 2)) {
+      fprintf(stderr, "%s: unexpected argument '%s'\n", P, opt);
+      return usage(stderr);
     }
+    if (!(v = bench_value(P, argc, argv, &i))) return 2;
+    int ok;
+    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, SHAPES);
+    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, KINDS);
+    else if (!strcmp(opt, "--prompt")) ok = bench_int(P, opt, v, 1, 1 << 20, &n_prompt);
+    else if (!strcmp(opt, "--new")) ok = bench_int(P, opt, v, 1, 1 << 20, &n_new);
+    else if (!strcmp(opt, "--runs")) ok = bench_int(P, opt, v, 1, 100, &runs);
+    else if (!strcmp(opt, "--nocache-runs")) ok = bench_int(P, opt, v, 0, 100, &nc_runs);
+    else if (!strcmp(opt, "--experts")) ok = bench_int(P, opt, v, 1, 64, &experts);
+    else if (!strcmp(opt, "--threads")) ok = bench_int(P, opt, v, 1, 4096, &threads_opt);
+    else {
+      fprintf(stderr, "%s: unknown option %s\n", P, opt);
+      return usage(stderr);
+    }
+    if (!ok) return 2;
   }
-  if (argc % 2 == 0 || n_prompt < 1 || n_new < 1 || runs < 1 || runs > 100 || experts < 1) {
-    fprintf(stderr, "bam-latency: bad arguments (see the usage at the top of bench/latency.c)\n");
-    return 2;
-  }
+  if (threads_opt > 0) omp_set_num_threads(threads_opt);
   if (nc_runs < 0) nc_runs = runs;
-  if (nc_runs > 100) nc_runs = 100;
   const int threads = omp_get_max_threads(), T = n_prompt + n_new;
   /* seq_len = the context the case needs: positions 0 .. prompt + new - 1. */
   shape_case cases[] = {

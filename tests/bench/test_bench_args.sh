@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The benchmark programs (bam-bench, bam-latency) refuse bad options with exit code 2 and a
+# message naming the option and the value, print their usage on --help with exit code 0, and
+# with a good command line do what they say (bam-bench --steps 0: one state line per case).
+set -uo pipefail
+BUILD=${BAM_BUILD_DIR:?}
+TMP=$(mktemp -d /tmp/bam-test-bench-XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+pass=0 fail=0
+
+# expect RC NAME FRAGMENT -- COMMAND...: exit code RC and FRAGMENT in stdout + stderr
+expect() {
+  local want=$1 name=$2 frag=$3; shift 4
+  timeout 120 "$@" >"$TMP/out" 2>&1
+  local rc=$?
+  if [[ $rc == "$want" ]] && grep -qF -- "$frag" "$TMP/out"; then
+    pass=$((pass + 1)); echo "ok   $name: $(head -n 1 "$TMP/out")"
+  else
+    fail=$((fail + 1)); echo "FAIL $name: exit $rc (want $want), output:"; cat "$TMP/out"
+  fi
+}
+
+for p in bam-bench bam-latency; do
+  B=$BUILD/$p
+  [[ -x $B ]] || { echo "FAIL $B is not built"; exit 1; }
+  expect 0 "$p --help" "usage: $p" -- "$B" --help
+  expect 2 "$p unknown option" "unknown option --bogus" -- "$B" --bogus 1
+  expect 2 "$p stray argument" "unexpected argument 'quick'" -- "$B" quick
+  expect 2 "$p missing value" "option --shape needs a value" -- "$B" --shape
+  expect 2 "$p bad shape" "option --shape: 'huge' is not one of quick paper-small all" -- "$B" --shape huge
+  expect 2 "$p bad kind" "option --kind: 'moe' is not one of" -- "$B" --kind moe
+  expect 2 "$p non-integer" "option --experts: '4x' is not an integer in [1, 64]" -- "$B" --experts 4x
+  expect 2 "$p zero threads" "option --threads: '0' is not an integer" -- "$B" --threads 0
+done
+B=$BUILD/bam-bench
+expect 2 "bam-bench steps out of range" "option --steps: '65' is not an integer in [0, 64]" -- "$B" --steps 65
+expect 2 "bam-bench ranks with timing" "--ranks R > 1 only with --steps 0" -- "$B" --ranks 2 --steps 1
+expect 2 "bam-latency zero runs" "option --runs: '0' is not an integer in [1, 100]" -- "$BUILD/bam-latency" --runs 0
+
+# A good command: the state of the quick dense model, per rank of 2, no timing.
+OMP_NUM_THREADS=1 timeout 300 "$B" --shape quick --kind dense --steps 0 --ranks 2 --threads 1 >"$TMP/out" 2>&1
+rc=$?
+line=$(grep '"kind":"dense"' "$TMP/out")
+if [[ $rc == 0 && $line == *'"params":4719872'* && $line == *'"state_mib":'* && $line == *'"threads":1'* ]]; then
+  pass=$((pass + 1)); echo "ok   bam-bench --steps 0: $line"
+else
+  fail=$((fail + 1)); echo "FAIL bam-bench --steps 0: exit $rc"; cat "$TMP/out"
+fi
+
+echo "$pass passed, $fail failed"
+((fail == 0))
