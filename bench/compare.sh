@@ -4,12 +4,16 @@
 # an independent PyTorch implementation (bench/torch_bench.py), one process at a time.
 #
 #   bench/compare.sh [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
-#                    [--threads 1|2|all] [--ranks 1|2|all] [--steps N] [--build DIR]
+#                    [--threads 1|2|all] [--ranks 1|2|all] [--steps N] [--repeat R] [--build DIR]
 #   bench/compare.sh --table        only rewrite the table from the .jsonl
 #
 # Lists may be comma-separated (--kind btx,bam). Per shape, kind and thread count (ranks 1):
 # bam-bench and torch_bench.py, 2 warm-up steps then the median of N (default: 3 on quick,
-# 1 on paper-small, to keep the full sweep near 25 minutes). Per shape and kind on 2 ranks x
+# 1 on paper-small, to keep the full sweep near 25 minutes). --repeat R runs each such pair R
+# times, alternating bam and PyTorch, and keeps each side's median run: on a shared machine the
+# rate of either side drifts by 10-20% between minutes, and alternating puts both sides in the
+# same minutes; the table then gives the range of the R pairwise ratios beside the ratio of the
+# medians. Per shape and kind on 2 ranks x
 # 1 thread: our trainer, data parallel (`bam pretrain` for dense, `bam train --mixture` for
 # the mixtures built once under bench/cache/<shape>/ as bench/mixtures.sh builds them;
 # tokens/s from its summary.json, the median over the steps after the first two) beside
@@ -26,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CMD="bench/compare.sh${*:+ $*}"
 
-usage() { sed -n '6,8p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '6,8p' "$0" | sed 's/^# *//' >&2; exit 2; }  # the synopsis above
 # list VALUE "all choices": "all" -> every choice, "a,b" -> "a b", each checked
 list() {
   local v=${1//,/ } out="" x
@@ -38,7 +42,7 @@ list() {
   echo "${out% }"
 }
 SHAPES="quick paper-small" KINDS="dense btx bam bam-shared-kv" THREADS="1 2" RANKS="1 2"
-STEPS="" BUILD=${BUILD:-build} TABLE_ONLY=""
+STEPS="" REPEAT=1 BUILD=${BUILD:-build} TABLE_ONLY=""
 while (($#)); do
   if [[ $1 == --table ]]; then TABLE_ONLY=1 SHAPES=""; shift; continue; fi
   [[ $# -ge 2 ]] || usage
@@ -48,6 +52,7 @@ while (($#)); do
     --threads) THREADS=$(list "$2" "1 2") ;;
     --ranks) RANKS=$(list "$2" "1 2") ;;
     --steps) STEPS=$2; [[ $STEPS =~ ^[1-9][0-9]*$ ]] || usage ;;
+    --repeat) REPEAT=$2; [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || usage ;;
     --build) BUILD=$2 ;;
     *) usage ;;
   esac
@@ -108,28 +113,37 @@ build_cache() { # shape
   done
 }
 
-# combine SHAPE KIND RANKS THREADS STEPS SOURCE BAM_JSON TORCH_JSON NEED_JSON
+# combine SHAPE KIND RANKS THREADS STEPS SOURCE BAM_JSON TORCH_JSON NEED_JSON: one JSON row.
+# BAM_JSON and TORCH_JSON may hold several lines (--repeat, in pair order): each side's
+# median run by tokens/s is the row's (the lower middle for an even count).
 combine() {
   "$PY" - "$@" "$HOST" "$DATE" "$(cut -d' ' -f1 /proc/loadavg)" "$CMD" <<'PY'
 import json, sys
 shape, kind, ranks, threads, steps, source, ours, theirs, need, host, date, load, cmd = sys.argv[1:14]
-ours = json.loads(ours)
-theirs = json.loads(theirs) if theirs else {}
+ours_runs = [json.loads(l) for l in ours.splitlines() if l.strip()]
+theirs_runs = [json.loads(l) for l in theirs.splitlines() if l.strip()]
+median = lambda runs: sorted(runs, key=lambda r: r.get("tokens_per_s") or 0)[(len(runs) - 1) // 2]
+ours = median(ours_runs)
+theirs = median(theirs_runs) if theirs_runs else {}
+pair = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours_runs, theirs_runs)
+        if t.get("tokens_per_s")]
 need = json.loads(need) if need else ours
 ceiling = need["sgemm_ceiling_gflops"]
 if "params" in ours and theirs.get("params") not in (None, ours["params"]):
     sys.exit(f"parameter counts differ: bam {ours['params']}, torch {theirs['params']} ({kind} {shape})")
 if "params" in need and theirs.get("params") not in (None, need["params"]):
     sys.exit(f"parameter counts differ: bam {need['params']}, torch {theirs['params']} ({kind} {shape})")
-tps, gf, rss = ours["tokens_per_s"], ours["model_gflops"], ours["peak_rss_mib"]
+tps, gf = ours["tokens_per_s"], ours["model_gflops"]
+rss = max(r["peak_rss_mib"] for r in ours_runs)
 state = need["state_mib"]
 ttps = theirs.get("tokens_per_s")
 row = {"kind": kind, "shape": shape, "ranks": int(ranks), "threads": int(threads),
-       "steps": int(steps), "source": source, "params": need["params"],
+       "steps": int(steps), "repeats": len(ours_runs), "source": source, "params": need["params"],
        "tokens_per_s": tps, "model_gflops": gf, "sgemm_ceiling_gflops": ceiling,
        "ceiling_share": round(gf / ceiling, 3), "torch_tokens_per_s": ttps,
        "torch_model_gflops": theirs.get("model_gflops"),
        "ratio_to_torch": round(tps / ttps, 2) if ttps else None,
+       "pair_ratio_range": [round(min(pair), 2), round(max(pair), 2)] if len(pair) > 1 else None,
        "peak_rss_mib": round(rss), "state_need_mib": round(state),
        "rss_over_need": round(rss / state, 3), "torch_peak_rss_mib": theirs.get("peak_rss_mib"),
        "torch_note": theirs.get("error"), "host": host, "date": date,
@@ -143,10 +157,14 @@ for shape in $SHAPES; do
   for kind in $KINDS; do
     for t in $THREADS; do
       [[ " $RANKS " == *" 1 "* ]] || continue
-      echo "== $shape $kind, 1 rank x $t thread(s), $n steps" >&2
-      ours=$(OMP_NUM_THREADS=$t "$BUILD/bam-bench" --shape "$shape" --kind "$kind" --threads "$t" \
-               --steps "$n" | tail -n 1)
-      theirs=$("$PY" bench/torch_bench.py --shape "$shape" --kind "$kind" --threads "$t" --steps "$n")
+      ours="" theirs=""
+      for ((r = 1; r <= REPEAT; r++)); do
+        echo "== $shape $kind, 1 rank x $t thread(s), $n steps, run $r of $REPEAT" >&2
+        ours+=$(OMP_NUM_THREADS=$t "$BUILD/bam-bench" --shape "$shape" --kind "$kind" --threads "$t" \
+                  --steps "$n" | tail -n 1)$'\n'
+        theirs+=$("$PY" bench/torch_bench.py --shape "$shape" --kind "$kind" --threads "$t" \
+                    --steps "$n")$'\n'
+      done
       combine "$shape" "$kind" 1 "$t" "$n" bam-bench "$ours" "$theirs" "" | tee -a "$OUT"
     done
     [[ " $RANKS " == *" 2 "* ]] || continue
@@ -212,16 +230,19 @@ print(f"PyTorch {torch.__version__}. Training steps (forward + backward + clip +
       f"case of bench/results/compare-{host}.jsonl, from:\n")
 for i, (cmd, date) in enumerate(runs, 1):
     print(f"{i}. `{cmd}` on {date} (UTC)")
-print("\n| shape | model | ranks x threads | steps | tokens/s | model GFLOP/s | of sgemm ceiling "
+print("\n| shape | model | ranks x threads | steps x runs | tokens/s | model GFLOP/s | of sgemm ceiling "
       "| PyTorch tokens/s | bam / PyTorch | ceiling / PyTorch | peak RSS MiB | need MiB "
       "| RSS / need | load | run |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     run = runs.index((r.get("command", "?"), r["date"])) + 1
-    print(f"| {r['shape']} | {names[r['kind']]} | {r['ranks']} x {r['threads']} | {r['steps']} | "
+    rng = r.get("pair_ratio_range")
+    ratio = fmt(r['ratio_to_torch'], '.2f') + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+    print(f"| {r['shape']} | {names[r['kind']]} | {r['ranks']} x {r['threads']} | "
+          f"{r['steps']} x {r.get('repeats', 1)} | "
           f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} | "
           f"{100 * r['ceiling_share']:.0f}% of {r['sgemm_ceiling_gflops']:.0f} | "
-          f"{fmt(r['torch_tokens_per_s'], ',.0f')} | {fmt(r['ratio_to_torch'], '.2f')} | "
+          f"{fmt(r['torch_tokens_per_s'], ',.0f')} | {ratio} | "
           f"{fmt(bound(r), '.2f')} | {r['peak_rss_mib']:,} | {r['state_need_mib']:,} | {r['rss_over_need']:.2f} | "
           f"{r['load_avg_1min_after']:.1f} | {run} |")
 notes = {r["torch_note"] for r in rows if r["torch_note"]}
