@@ -10,6 +10,7 @@
 #ifndef BAM_KERNELS_H
 #define BAM_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* ---- linear layer: y(n,out) = x(n,in) . W(out,in)^T  (PyTorch nn.Linear layout, no bias) */
@@ -39,16 +40,20 @@ void bam_rope_forward(float *x, const float *cos_t, const float *sin_t, int B, i
 void bam_rope_backward(float *dx, const float *cos_t, const float *sin_t, int B, int T,
                        int n_heads, int hd, int pos0);
 
-/* ---- causal multi-head attention with grouped-query heads.
+/* ---- causal multi-head attention with grouped-query heads, fused (src/kernels/attention.c).
  * q (B,T,H*hd), k and v (B,T,Hkv*hd), Hkv divides H; query head h reads kv head
- * h / (H/Hkv). probs (B,H,T,T) holds the softmax of q.k^T/sqrt(hd) with the causal mask
- * (entries above the diagonal are 0) and is saved for backward. out (B,T,H*hd). */
-void bam_attention_forward(float *out, float *probs, const float *q, const float *k,
-                           const float *v, int B, int T, int H, int Hkv, int hd);
-/* dq, dk, dv accumulate. scratch must hold B*H*T*T floats (the score gradient). */
+ * h / (H/Hkv); out (B,T,H*hd). The forward saves lse (B,H,T), the log of each row's softmax
+ * normaliser of q.k^T/sqrt(hd) under the causal mask; nothing of size T x T is stored, the
+ * backward recomputes the probabilities from lse. Both take a scratch of
+ * bam_attention_scratch_floats(B, T, Hkv, hd) floats (K and V transposed per head), free
+ * again when they return. Deterministic: the same bits for any thread count. */
+size_t bam_attention_scratch_floats(int B, int T, int Hkv, int hd);
+void bam_attention_forward(float *out, float *lse, float *scratch, const float *q,
+                           const float *k, const float *v, int B, int T, int H, int Hkv, int hd);
+/* dq, dk, dv accumulate (any may be NULL: not computed); out and lse are the forward's. */
 void bam_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
-                            const float *probs, const float *q, const float *k, const float *v,
-                            int B, int T, int H, int Hkv, int hd);
+                            const float *out, const float *lse, const float *q, const float *k,
+                            const float *v, int B, int T, int H, int Hkv, int hd);
 
 /* ---- SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x); n elements. */
 void bam_swiglu_forward(float *out, const float *gate, const float *up, long n);

@@ -78,15 +78,15 @@ typedef struct {
   int ka;   /* att_top_k (0: soft routing over all Ea) */
   int Ef, k;
   size_t R;  /* rows of one activation slice: max_batch * seq_len */
-  size_t PT; /* floats of one attention probability slice: max_batch * H * seq_len^2 */
+  size_t LT; /* floats of one attention lse slice: max_batch * H * seq_len */
   /* Expert parallelism (1 and 0 on the single-process path, where the rest reduces to the
-   * fields above: a0 = 0, nAl = nA, nKVl = nKV, RA = R, PTA = PT, GRk = R k). */
+   * fields above: a0 = 0, nAl = nA, nKVl = nKV, RA = R, LTA = LT, GRk = R k). */
   int G, gr;  /* group size, this rank's position */
   int Ga;     /* G for BAM's attention experts (run on the whole group), 1 for BTX */
   int a0, nAl;/* own attention experts [a0, a0 + nAl) (BTX: the one dense attention) */
   int kv0, nKVl; /* own K/V sets [kv0, kv0 + nKVl) */
   int f0, El; /* own FFN experts [f0, f0 + El) */
-  size_t RA, PTA; /* attention-expert rows and probabilities: Ga R, Ga PT */
+  size_t RA, LTA; /* attention-expert rows and lse: Ga R, Ga LT */
   /* First expert STORED in the parameter buffers: a0, kv0, f0 when the mixture holds only
    * its own experts (bam_mixture_create_sharded), else 0 (every expert stored). */
   int pa0, pkv0, pf0;
@@ -103,7 +103,7 @@ struct bam_mix_acts {
   float *q;           /* (L, nA, R, d)    per attention expert, after RoPE */
   float *k;           /* (L, nKV, R, kvd) after RoPE */
   float *v;           /* (L, nKV, R, kvd) */
-  float *probs;       /* (L, nA, PT)      causal softmax per expert */
+  float *lse;         /* (L, nA, LT)      attention softmax log-normalisers per expert */
   float *att;         /* (L, nA, R, d)    attention output before Wo */
   float *att_p;       /* (L, RA, Ea) softmax of the attention router (BAM) */
   float *att_g;       /* (L, RA, Ea) gate used: att_p, or att_p on its top-k and 0 elsewhere */
@@ -135,7 +135,7 @@ struct bam_mix_acts {
   float *dq;          /* (R, d) */
   float *dk;          /* (R, kvd) */
   float *dv;          /* (R, kvd) */
-  float *dscores;     /* (PT) */
+  float *att_scratch; /* bam_attention_scratch_floats(Ga max_batch, T, Hkv, hd) */
   float *drouter;     /* (R, Ef) FFN router probability, then logit, gradient */
   float *dg_att;      /* (RA, Ea) attention gate, then router logit, gradient (BAM) */
   float *dh_att;      /* (R, d) the attention branch's dh (single process; EP uses ep_b) */
@@ -182,7 +182,7 @@ static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr, in
   z.Ef = s->n_ffn_experts;
   z.k = s->ffn_top_k;
   z.R = (size_t)max_batch * (size_t)b->seq_len;
-  z.PT = (size_t)max_batch * (size_t)b->n_heads * (size_t)b->seq_len * (size_t)b->seq_len;
+  z.LT = (size_t)max_batch * (size_t)b->n_heads * (size_t)b->seq_len;
   z.G = G;
   z.gr = gr;
   z.Ga = z.bam ? G : 1;
@@ -193,7 +193,7 @@ static dims dims_of(const bam_mixture_shape *s, int max_batch, int G, int gr, in
   z.El = z.Ef / G;
   z.f0 = gr * z.El;
   z.RA = (size_t)z.Ga * z.R;
-  z.PTA = (size_t)z.Ga * z.PT;
+  z.LTA = (size_t)z.Ga * z.LT;
   z.GRk = (size_t)G * z.R * (size_t)z.k;
   z.pa0 = sharded && z.bam ? z.a0 : 0;
   z.pkv0 = sharded && z.nKV > 1 ? z.kv0 : 0;
@@ -229,7 +229,7 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   const size_t L = (size_t)z->L, d = (size_t)z->d, kvd = (size_t)z->kvd, f = (size_t)z->f,
                V = (size_t)z->V, R = z->R, Rk = R * (size_t)z->k, nA = (size_t)z->nAl,
                nKV = (size_t)z->nKVl, Ea = (size_t)z->Ea, Ef = (size_t)z->Ef, ka = (size_t)z->ka,
-               PT = z->PTA, RA = z->RA, GRk = z->GRk,
+               LT = z->LTA, RA = z->RA, GRk = z->GRk,
                ep = z->G > 1, epa = z->Ga > 1, dE = d > Ea ? d : Ea;
   size_t off = 0;
 #define SLOT(field, count)                                  \
@@ -244,7 +244,7 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(q, L * nA * RA * d);
   SLOT(k, L * nKV * RA * kvd);
   SLOT(v, L * nKV * RA * kvd);
-  SLOT(probs, L * nA * PT);
+  SLOT(lse, L * nA * LT);
   SLOT(att, L * nA * RA * d);
   SLOT(att_p, L * RA * Ea);
   SLOT(att_g, L * RA * Ea);
@@ -275,7 +275,7 @@ static size_t act_layout(bam_mix_acts *a, const dims *z, size_t max_batch, char 
   SLOT(dq, RA * d);
   SLOT(dk, RA * kvd);
   SLOT(dv, RA * kvd);
-  SLOT(dscores, PT);
+  SLOT(att_scratch, bam_attention_scratch_floats(z->Ga * (int)max_batch, (int)(R / max_batch), z->Hkv, z->hd));
   SLOT(drouter, R * Ef);
   SLOT(dg_att, RA * Ea);
   SLOT(dh_att, R * d);
@@ -531,7 +531,7 @@ static layer_acts acts_of(const bam_mixture *m, const dims *z, int l) {
   };
 }
 
-/* Attention expert j's saved q, att, probs and its K/V set jk's k, v in layer l. */
+/* Attention expert j's saved q, att, lse and its K/V set jk's k, v in layer l. */
 /* Only the rank's own experts are stored (all of them without EP): j and jk are global
  * expert indices, stored at j - a0 and jk - kv0. */
 static float *q_of(const bam_mixture *m, const dims *z, int l, int j) {
@@ -540,8 +540,8 @@ static float *q_of(const bam_mixture *m, const dims *z, int l, int j) {
 static float *att_of(const bam_mixture *m, const dims *z, int l, int j) {
   return m->acts->att + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->RA * z->d;
 }
-static float *probs_of(const bam_mixture *m, const dims *z, int l, int j) {
-  return m->acts->probs + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->PTA;
+static float *lse_of(const bam_mixture *m, const dims *z, int l, int j) {
+  return m->acts->lse + ((size_t)l * z->nAl + (size_t)(j - z->a0)) * z->LTA;
 }
 static float *k_of(const bam_mixture *m, const dims *z, int l, int jk) {
   return m->acts->k + ((size_t)l * z->nKVl + (size_t)(jk - z->kv0)) * z->RA * z->kvd;
@@ -664,7 +664,8 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
       bam_matmul_forward(v, hA, wv_of(P, z, l, jk), NA, d, kvd);
       bam_rope_forward(k, cs, sn, BA, T, z->Hkv, z->hd, 0);
     }
-    bam_attention_forward(att, probs_of(m, z, l, j), q, k, v, BA, T, z->H, z->Hkv, z->hd);
+    bam_attention_forward(att, lse_of(m, z, l, j), a->att_scratch, q, k, v, BA, T, z->H, z->Hkv,
+                          z->hd);
     if (!z->bam) { /* BTX: the dense attention, straight into the branch output */
       bam_matmul_forward(x.x_next, att, wo_of(P, z, l, j), N, d, d);
       continue;
@@ -753,8 +754,8 @@ static void attention_backward(bam_mixture *m, const dims *z, int l, int B, int 
       memset(a->dk, 0, nkv);
       memset(a->dv, 0, nkv);
     }
-    bam_attention_backward(a->dq, a->dk, a->dv, a->dscores, a->datt, probs_of(m, z, l, j), q, k, v,
-                           BA, T, z->H, z->Hkv, z->hd);
+    bam_attention_backward(a->dq, a->dk, a->dv, a->att_scratch, a->datt, att, lse_of(m, z, l, j), q,
+                           k, v, BA, T, z->H, z->Hkv, z->hd);
     /* The saved q, k are post-RoPE: rotate their gradients back (RoPE is linear, so the
      * shared dk can be rotated once after summing the experts). */
     bam_rope_backward(a->dq, cs, sn, BA, T, z->H, z->hd, 0);

@@ -36,7 +36,7 @@ struct bam_acts {
   float *q;         /* (L, BT, d)   after RoPE */
   float *k;         /* (L, BT, kvd) after RoPE */
   float *v;         /* (L, BT, kvd) */
-  float *probs;     /* (L, B, H, T, T) causal softmax */
+  float *lse;       /* (L, B, H, T) log of each attention row's softmax normaliser */
   float *att;       /* (L, BT, d)  attention output before Wo (heads concatenated) */
   float *gate;      /* (L, BT, f)  h Wgate^T */
   float *up;        /* (L, BT, f)  h Wup^T */
@@ -60,7 +60,7 @@ struct bam_acts {
   float *dgate;   /* (BT, f) */
   float *dup;     /* (BT, f) */
   float *dswi;    /* (BT, f) */
-  float *dscores; /* (B, H, T, T) attention score gradient */
+  float *att_scratch; /* bam_attention_scratch_floats(B, T, Hkv, hd): K, V transposed */
   /* ---- state of the last forward ---- */
   int has_targets; /* the last forward had targets and backward has not consumed it */
   long n_valid;    /* non-ignored targets of the last forward */
@@ -74,7 +74,7 @@ struct bam_acts {
 static size_t act_layout(bam_acts *a, const bam_model_shape *s, size_t B, char *base) {
   const size_t L = (size_t)s->n_layers, d = (size_t)s->d_model, kvd = (size_t)bam_kv_dim(s),
                f = (size_t)s->d_ff, V = (size_t)s->vocab_size, H = (size_t)s->n_heads,
-               T = (size_t)s->seq_len, BT = B * T, att = B * H * T * T;
+               T = (size_t)s->seq_len, BT = B * T, att = B * H * T;
   size_t off = 0;
 #define SLOT(field, count)                                  \
   do {                                                      \
@@ -88,7 +88,7 @@ static size_t act_layout(bam_acts *a, const bam_model_shape *s, size_t B, char *
   SLOT(q, L * BT * d);
   SLOT(k, L * BT * kvd);
   SLOT(v, L * BT * kvd);
-  SLOT(probs, L * att);
+  SLOT(lse, L * att);
   SLOT(att, L * BT * d);
   SLOT(gate, L * BT * f);
   SLOT(up, L * BT * f);
@@ -109,7 +109,7 @@ static size_t act_layout(bam_acts *a, const bam_model_shape *s, size_t B, char *
   SLOT(dgate, BT * f);
   SLOT(dup, BT * f);
   SLOT(dswi, BT * f);
-  SLOT(dscores, att);
+  SLOT(att_scratch, bam_attention_scratch_floats((int)B, (int)T, s->n_kv_heads, bam_head_dim(s)));
   SLOT(dh_att, BT * d);
 #undef SLOT
   return off;
@@ -207,7 +207,7 @@ static layer_params layer_of(const bam_params *p, const bam_model_shape *s, int 
 }
 
 typedef struct {
-  float *x, *x_next, *h, *mean, *rstd, *q, *k, *v, *probs, *att, *gate, *up, *swi;
+  float *x, *x_next, *h, *mean, *rstd, *q, *k, *v, *lse, *att, *gate, *up, *swi;
 } layer_acts;
 
 static layer_acts acts_of(const bam_model *m, int l) {
@@ -215,8 +215,7 @@ static layer_acts acts_of(const bam_model *m, int l) {
   const bam_acts *a = m->acts;
   const size_t rows = (size_t)m->max_batch * (size_t)s->seq_len; /* slice stride in rows */
   const size_t d = (size_t)s->d_model, kvd = (size_t)bam_kv_dim(s), f = (size_t)s->d_ff;
-  const size_t att =
-      (size_t)m->max_batch * (size_t)s->n_heads * (size_t)s->seq_len * (size_t)s->seq_len;
+  const size_t att = (size_t)m->max_batch * (size_t)s->n_heads * (size_t)s->seq_len;
   const size_t L = (size_t)l;
   return (layer_acts){
       .x = a->res + L * rows * d,
@@ -227,7 +226,7 @@ static layer_acts acts_of(const bam_model *m, int l) {
       .q = a->q + L * rows * d,
       .k = a->k + L * rows * kvd,
       .v = a->v + L * rows * kvd,
-      .probs = a->probs + L * att,
+      .lse = a->lse + L * att,
       .att = a->att + L * rows * d,
       .gate = a->gate + L * rows * f,
       .up = a->up + L * rows * f,
@@ -289,7 +288,7 @@ bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t 
         bam_matmul_forward(x.v, x.h, w.wv, BT, d, kvd);
         bam_rope_forward(x.q, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
         bam_rope_forward(x.k, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
-        bam_attention_forward(x.att, x.probs, x.q, x.k, x.v, B, T, H, Hkv, hd);
+        bam_attention_forward(x.att, x.lse, a->att_scratch, x.q, x.k, x.v, B, T, H, Hkv, hd);
         bam_matmul_forward(x.x_next, x.att, w.wo, BT, d, d); /* a, summed below */
       }
       if (tid == 0) { /* FFN branch, reading the same h (parallel block) */
@@ -394,8 +393,8 @@ bam_status bam_model_backward(bam_model *m, float grad_scale) {
         memset(a->dq, 0, nd);
         memset(a->dk, 0, nkv);
         memset(a->dv, 0, nkv);
-        bam_attention_backward(a->dq, a->dk, a->dv, a->dscores, a->datt, x.probs, x.q, x.k, x.v,
-                               B, T, H, Hkv, hd);
+        bam_attention_backward(a->dq, a->dk, a->dv, a->att_scratch, a->datt, x.att, x.lse, x.q,
+                               x.k, x.v, B, T, H, Hkv, hd);
         /* The saved q, k are post-RoPE; rotate their gradients back to the pre-RoPE frame. */
         bam_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
         bam_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
