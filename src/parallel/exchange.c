@@ -3,8 +3,9 @@
 
 #include "bam/parallel.h"
 
-/* Bytes of the reduce-scatter's receive buffer (all ranks' pieces of one round). */
-#define BAM_EXCHANGE_BYTES ((size_t)16 << 20)
+/* Bytes of the reduce-scatter's receive buffer (all ranks' pieces of one round): 4 MiB, messages
+ * of 4/world MiB, large enough for full bandwidth and small beside any state worth training. */
+#define BAM_EXCHANGE_BYTES ((size_t)4 << 20)
 
 struct bam_exchange {
   MPI_Comm comm;

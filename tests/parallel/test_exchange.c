@@ -1,7 +1,7 @@
 /* bam-test-ranks: 1 2 3 4
  * The ordered reduce-scatter and all-gather: exact rank-order sums, slices that cover the
  * buffer, odd sizes and ranks with empty slices; a buffer large enough that the reduce-scatter
- * runs several rounds of its 16 MiB receive buffer, the last one partial and uneven. */
+ * runs several rounds of its 4 MiB receive buffer, the last one partial and uneven. */
 #include <math.h>
 #include <string.h>
 
