@@ -18,8 +18,10 @@
  * one product, read and written by the softmax, packed by the next product, read again in
  * the backward) also cost as much time as the arithmetic; the fused tiles avoid that traffic
  * but pay for their own exponentials and bookkeeping. Measured on this project's machines
- * (AVX2, quick shape, one attention layer, forward + backward): the same time as the
- * sgemm-based kernel to within 10%, on one thread and on two (docs/performance.md).
+ * (AVX2, one attention layer, forward + backward): at head_dim 64 (quick shape) the same
+ * time as the sgemm-based kernel to within 10%, on one thread and on two; at head_dim 128
+ * (paper-small) the backward is slower, 20-30 against 30-40 GFLOP/s on one thread, a few
+ * percent of a paper-small step (docs/performance.md).
  *
  * The tiles. A score tile S[FQ][FK] = sum_c Q[i][c] Kt[c][j] is FQ x NV vector accumulators
  * (VL floats each) held in registers: each step broadcasts one q value and multiplies NV
@@ -28,7 +30,8 @@
  * each tile hd x FK contiguous floats. The value-side products (P V, dS K, dS^T Q, P^T dO)
  * go through rank_update: FQ rows x 2 vectors of head_dim in registers while the inner sum
  * runs. The backward takes QS queries per step so the dK, dV blocks are loaded and stored
- * once per QS. This file is compiled with -ffp-contract=fast (CMakeLists.txt) so the
+ * once per QS, and copies the rows it reads (q, dout, the key block's K) into contiguous
+ * local blocks. This file is compiled with -ffp-contract=fast (CMakeLists.txt) so the
  * compiler fuses the multiply-adds.
  *
  * Parallelism and determinism. Forward items are (b, h, block of ATTN_ROWS queries), numbered
@@ -252,11 +255,17 @@ void bam_attention_backward(float *dq, float *dk, float *dv, float *scratch, con
     const int b = (int)(it / Hkv), kvh = (int)(it % Hkv);
     const float *ktb = kt + (size_t)it * hd * Tp, *vtb = vt + (size_t)it * hd * Tp;
     const size_t kvoff = (size_t)b * T * ldk + (size_t)kvh * hd;
-    float dK[FK][hd], dV[FK][hd], P[QS][FK], dS[QS][FK];
+    /* Local contiguous copies of the rows the tiles read: with H x hd a power of two (1024
+     * floats at paper-small) the rows of q, dout and dq lie 4 KiB apart, which maps them all
+     * onto the same few L1 sets; copied, a step's rows are adjacent. */
+    float dK[FK][hd], dV[FK][hd], Kr[FK][hd], P[QS][FK], dS[QS][FK];
+    float Qs[QS][hd], dOs[QS][hd], dQs[QS][hd], D[QS];
     for (int k0 = 0; k0 < T; k0 += FK) {
       const int jn = bam_min_i(FK, T - k0);
       memset(dK, 0, sizeof dK);
       memset(dV, 0, sizeof dV);
+      for (int j = 0; j < jn; j++)
+        memcpy(Kr[j], k + kvoff + (size_t)(k0 + j) * ldk, sizeof(float) * hd);
       for (int g = 0; g < G; g++) { /* fixed order over the group: deterministic */
         const int h = kvh * G + g;
         const size_t bh = (size_t)b * H + h;
@@ -266,15 +275,19 @@ void bam_attention_backward(float *dq, float *dk, float *dv, float *scratch, con
         for (int q0 = k0 / FQ * FQ; q0 < T; q0 += QS) {
           const int nqs = bam_min_i(QS, T - q0);
           const size_t r0 = ((size_t)b * T + q0) * ldq + (size_t)h * hd;
+          for (int i = 0; i < nqs; i++) {
+            const size_t ri = r0 + (size_t)i * ldq;
+            memcpy(Qs[i], q + ri, sizeof(float) * hd);
+            memcpy(dOs[i], dout + ri, sizeof(float) * hd);
+            D[i] = dot(dOs[i], out + ri, hd);
+          }
           for (int u0 = 0; u0 < nqs; u0 += FQ) {
             const int nq = bam_min_i(FQ, nqs - u0);
-            const size_t ru = r0 + (size_t)u0 * ldq;
-            score_tile(P + u0, q + ru, ldq, nq, ktb + (size_t)k0 * hd, FK, hd, scale);
-            score_tile(dS + u0, dout + ru, ldq, nq, vtb + (size_t)k0 * hd, FK, hd, 1.0f); /* dP = dO V^T */
+            score_tile(P + u0, Qs[u0], hd, nq, ktb + (size_t)k0 * hd, FK, hd, scale);
+            score_tile(dS + u0, dOs[u0], hd, nq, vtb + (size_t)k0 * hd, FK, hd, 1.0f); /* dP = dO V^T */
             for (int i = u0; i < u0 + nq; i++) {
               const int len = q0 + i + 1 - k0; /* keys <= q0 + i; may be <= 0 */
-              const float li = lse[bh * T + q0 + i];
-              const float Di = dot(dout + r0 + (size_t)i * ldq, out + r0 + (size_t)i * ldq, hd);
+              const float li = lse[bh * T + q0 + i], Di = D[i];
               float *p = P[i], *ds = dS[i];
 #pragma omp simd
               for (int j = 0; j < FK; j++) {
@@ -284,12 +297,19 @@ void bam_attention_backward(float *dq, float *dk, float *dv, float *scratch, con
               }
             }
           }
-          if (dq) /* dQ += dS K */
-            rank_update(dq + r0, ldq, nqs, &dS[0][0], FK, 1, k + kvoff + (size_t)k0 * ldk, ldk, jn, hd);
+          if (dq) { /* dQ += dS K, summed locally and added to the rows once */
+            memset(dQs, 0, sizeof(float) * (size_t)nqs * hd);
+            rank_update(&dQs[0][0], hd, nqs, &dS[0][0], FK, 1, &Kr[0][0], hd, jn, hd);
+            for (int i = 0; i < nqs; i++) {
+              float *dqi = dq + r0 + (size_t)i * ldq;
+#pragma omp simd
+              for (int c = 0; c < hd; c++) dqi[c] += dQs[i][c];
+            }
+          }
           if (dk) /* dK += dS^T Q */
-            rank_update(&dK[0][0], hd, jn, &dS[0][0], 1, FK, q + r0, ldq, nqs, hd);
+            rank_update(&dK[0][0], hd, jn, &dS[0][0], 1, FK, &Qs[0][0], hd, nqs, hd);
           if (dv) /* dV += P^T dO */
-            rank_update(&dV[0][0], hd, jn, &P[0][0], 1, FK, dout + r0, ldq, nqs, hd);
+            rank_update(&dV[0][0], hd, jn, &P[0][0], 1, FK, &dOs[0][0], hd, nqs, hd);
         }
       }
       for (int j = 0; j < jn; j++) {
