@@ -9,14 +9,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The value of option argv[*i] (advancing *i past it), or NULL after an error message. */
-static const char *bench_value(const char *prog, int argc, char **argv, int *i) {
+/* The --shape and --kind names both programs take. */
+static const char *const BENCH_SHAPES[] = {"quick", "paper-small", "all", NULL};
+static const char *const BENCH_KINDS[] = {"dense", "btx", "bam", "bam-shared-kv", "all", NULL};
+
+/* The option argv[*i] and its value, advancing *i to the value. 1 with *opt and *v set;
+ * otherwise 0 with *rc the exit code: 0 after printing the usage for --help or -h, 2 after a
+ * message for a stray argument (the usage follows) or a missing value. */
+static int bench_option(const char *prog, int argc, char **argv, int *i, int (*usage)(FILE *),
+                        const char **opt, const char **v, int *rc) {
+  *opt = argv[*i];
+  if (!strcmp(*opt, "--help") || !strcmp(*opt, "-h")) {
+    *rc = usage(stdout);
+    return 0;
+  }
+  if (strncmp(*opt, "--", 2)) {
+    fprintf(stderr, "%s: unexpected argument '%s'\n", prog, *opt);
+    *rc = usage(stderr);
+    return 0;
+  }
   if (*i + 1 >= argc) {
-    fprintf(stderr, "%s: option %s needs a value\n", prog, argv[*i]);
-    return NULL;
+    fprintf(stderr, "%s: option %s needs a value\n", prog, *opt);
+    *rc = 2;
+    return 0;
   }
   *i += 1;
-  return argv[*i];
+  *v = argv[*i];
+  return 1;
 }
 
 /* 1 and *out set when v is an integer in [lo, hi]; 0 after an error message. */

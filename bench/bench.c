@@ -53,9 +53,6 @@ static double sgemm_gflops(int m, int n, int k, int reps) {
   return 2.0 * m * n * k / bam_median(t, reps) / 1e9;
 }
 
-static const char *const SHAPES[] = {"quick", "paper-small", "all", NULL};
-static const char *const KINDS[] = {"dense", "btx", "bam", "bam-shared-kv", "all", NULL};
-
 static int usage(FILE *f) {
   fprintf(f, "usage: bam-bench [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]\n"
              "                 [--experts E] [--batch B] [--steps N (0-%d)] [--warmup W (0-10)]\n"
@@ -68,16 +65,11 @@ int main(int argc, char **argv) {
   const char *P = "bam-bench", *which = "all", *kinds = "all";
   int steps = 5, batch = 0, experts = 4, warmup = 2, ranks = 1, concurrent = -1, threads_opt = 0;
   for (int i = 1; i < argc; i++) {
-    const char *opt = argv[i], *v;
-    if (!strcmp(opt, "--help") || !strcmp(opt, "-h")) return usage(stdout);
-    if (strncmp(opt, "--", 2)) {
-      fprintf(stderr, "%s: unexpected argument '%s'\n", P, opt);
-      return usage(stderr);
-    }
-    if (!(v = bench_value(P, argc, argv, &i))) return 2;
+    const char *opt, *v;
     int ok;
-    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, SHAPES);
-    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, KINDS);
+    if (!bench_option(P, argc, argv, &i, usage, &opt, &v, &ok)) return ok;
+    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, BENCH_SHAPES);
+    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, BENCH_KINDS);
     else if (!strcmp(opt, "--steps")) ok = bench_int(P, opt, v, 0, MAX_STEPS, &steps);
     else if (!strcmp(opt, "--batch")) ok = bench_int(P, opt, v, 1, 1 << 16, &batch);
     else if (!strcmp(opt, "--experts")) ok = bench_int(P, opt, v, 1, 64, &experts);

@@ -116,9 +116,6 @@ static int fail(void) {
   return 1;
 }
 
-static const char *const SHAPES[] = {"quick", "paper-small", "all", NULL};
-static const char *const KINDS[] = {"dense", "btx", "bam", "bam-shared-kv", "all", NULL};
-
 static int usage(FILE *f) {
   fprintf(f, "usage: bam-latency [--shape quick|paper-small|all] "
              "[--kind dense|btx|bam|bam-shared-kv|all]\n"
@@ -132,16 +129,11 @@ int main(int argc, char **argv) {
   const char *P = "bam-latency", *which = "all", *kinds = "all";
   int n_prompt = 256, n_new = 16, runs = 10, nc_runs = -1, experts = 4, threads_opt = 0;
   for (int i = 1; i < argc; i++) {
-    const char *opt = argv[i], *v;
-    if (!strcmp(opt, "--help") || !strcmp(opt, "-h")) return usage(stdout);
-    if (strncmp(opt, "--", 2)) {
-      fprintf(stderr, "%s: unexpected argument '%s'\n", P, opt);
-      return usage(stderr);
-    }
-    if (!(v = bench_value(P, argc, argv, &i))) return 2;
+    const char *opt, *v;
     int ok;
-    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, SHAPES);
-    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, KINDS);
+    if (!bench_option(P, argc, argv, &i, usage, &opt, &v, &ok)) return ok;
+    if (!strcmp(opt, "--shape")) ok = bench_choice(P, opt, which = v, BENCH_SHAPES);
+    else if (!strcmp(opt, "--kind")) ok = bench_choice(P, opt, kinds = v, BENCH_KINDS);
     else if (!strcmp(opt, "--prompt")) ok = bench_int(P, opt, v, 1, 1 << 20, &n_prompt);
     else if (!strcmp(opt, "--new")) ok = bench_int(P, opt, v, 1, 1 << 20, &n_new);
     else if (!strcmp(opt, "--runs")) ok = bench_int(P, opt, v, 1, 100, &runs);
