@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Expert parallelism end to end on real data: a seed and three domain experts mixed into
-# BTX, BAM and BAM shared-KV mixtures of E = 4 experts (top-2 FFN routing), each trained 20
-# steps with P=1; P=2 ep=2; P=4 ep=2 (two groups) and P=4 ep=4 (oversubscribed, one thread
-# per rank). Each rank holds only its own experts (expert sharding). Checks: the same losses
-# and the same final evaluation to 1e-5 relative in every layout; the same layout twice
-# is bitwise identical; a run stopped with one ep resumes with another and continues with
-# the same losses; ep not dividing the ranks or the experts is refused with a clear message.
+# BTX, BAM and BAM shared-KV mixtures of E = 4 experts, each trained 20 steps with P=1;
+# P=2 ep=2; P=4 ep=2 (two groups) and P=4 ep=4 (oversubscribed, one thread per rank), with
+# every expert kept (top-4) and with top-2 routing. Each rank holds only its own experts
+# (expert sharding). Checks: top-4, the same losses and final evaluation to 1e-5 relative
+# in every layout; top-2, the same first step to 1e-5 and the rest to 1e-3 (a rounding
+# difference may flip a tied token's expert: compare_runs.py); the same layout twice is
+# bitwise identical; a run stopped with one ep resumes with another and continues with the
+# same losses; ep not dividing the ranks or the experts is refused with a clear message.
 set -uo pipefail
 BAM=${BAM_BIN:?} SRC=${BAM_SOURCE_DIR:?} DATA=${BAM_TEST_DATA:?} PY=${BAM_PYTHON:-/usr/bin/python3}
 MPI=${MPIEXEC:-mpirun}
@@ -23,30 +25,8 @@ run() { # run NP OUT LOG args...: bam train on NP ranks
     timeout 600 "$MPI" -np "$np" --oversubscribe --bind-to none "$BAM" train "$@" --out "$out" >"$log" 2>&1
   fi
 }
-same() { # same A.csv B.csv N TOL: N loss rows, relative difference <= TOL
-  "$PY" - "$@" <<'PY'
-import csv, sys
-a = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[1]))]
-b = [float(r["loss"]) for r in csv.DictReader(open(sys.argv[2]))]
-n, tol = int(sys.argv[3]), float(sys.argv[4])
-worst = max((abs(x - y) / abs(y) for x, y in zip(a, b)), default=1.0)
-print(f"     loss {a[0]:.4f} -> {a[-1]:.4f}; worst relative difference {worst:.1e}")
-sys.exit(0 if len(a) == len(b) == n and worst <= tol else 1)
-PY
-}
-same_eval() { # same_eval A.csv B.csv TOL: the final evaluation, every domain, loss within TOL
-  "$PY" - "$@" <<'PY'
-import csv, sys
-def final(p):
-    rows = list(csv.DictReader(open(p)))
-    last = max(int(r["step"]) for r in rows)
-    return {r["domain"]: (float(r["loss"]), int(r["tokens"])) for r in rows if int(r["step"]) == last}
-a, b, tol = final(sys.argv[1]), final(sys.argv[2]), float(sys.argv[3])
-worst = max(abs(a[d][0] - b[d][0]) / abs(b[d][0]) for d in b) if a.keys() == b.keys() and b else 1.0
-print(f"     final eval on {len(b)} domains; worst relative difference {worst:.1e}")
-sys.exit(0 if a.keys() == b.keys() and all(a[d][1] == b[d][1] for d in b) and worst <= tol else 1)
-PY
-}
+same() { "$PY" "$SRC/tests/e2e/compare_runs.py" losses "$@"; } # same A.csv B.csv ROWS [--tol T]
+same_eval() { "$PY" "$SRC/tests/e2e/compare_runs.py" eval "$@"; } # same_eval A.csv B.csv [--tol T]
 held() { # held LOG: "model: K, N parameters" and "this rank holds M of them": prints N M
   sed -n -e 's/^model: [a-z-]*, \([0-9]*\) parameters.*/\1/p' -e 's/.*this rank holds \([0-9]*\) of them.*/\1/p' "$1" | head -2 | tr '\n' ' '
 }
@@ -57,6 +37,11 @@ S=(--set data.dir="$DATA" --set eval.every=0 --set eval.max_tokens=2048)
   "$BAM" branch --seed "$TMP/seed/ckpt" --domains code,math,legal "${S[@]}" --set train.steps=10 --out "$TMP/br" >"$TMP/br.log" 2>&1
 check "seed and three domain experts" $?
 
+# Each mixture trains twice per layout. With every expert kept (ffn_top_k = 4) routing is
+# continuous, so every step of every layout gives the P=1 losses to 1e-5. With top-2 routing
+# a rounding difference can send a token whose two best experts tie to within it elsewhere
+# (tests/e2e/compare_runs.py): the first step, where every layout starts from the same
+# parameters, still agrees to 1e-5; later steps and the final evaluation to 1e-3.
 declare -A held2
 T=(--set train.steps=20 --set train.warmup_steps=2 --set train.log_every=1 --set train.batch_size=8)
 for m in btx bam bam-shared-kv; do
@@ -64,37 +49,48 @@ for m in btx bam bam-shared-kv; do
     --experts "$TMP/br/code/ckpt,$TMP/br/math/ckpt,$TMP/br/legal/ckpt" --out "$TMP/mix-$m" >"$TMP/mix-$m.log" 2>&1
   check "$m: mixed (4 experts)" $?
   M=(--mixture "$TMP/mix-$m/ckpt" "${S[@]}" "${T[@]}")
-  run 1 "$TMP/$m-p1" "$TMP/$m-p1.log" "${M[@]}"
-  check "$m: P=1" $?
+  for k in 4 2; do
+    run 1 "$TMP/$m-k$k-p1" "$TMP/$m-k$k-p1.log" "${M[@]}" --set mixture.ffn_top_k=$k
+    check "$m: top-$k: P=1" $?
+  done
   for layout in 2:2 4:2 4:4; do
-    np=${layout%:*} ep=${layout#*:}
-    run "$np" "$TMP/$m-p$np-ep$ep" "$TMP/$m-p$np-ep$ep.log" "${M[@]}" --set mixture.ep=$ep &&
-      grep -q "expert parallelism: $((np / ep)) group" "$TMP/$m-p$np-ep$ep.log"
-    check "$m: P=$np ep=$ep trains expert parallel" $?
-    same "$TMP/$m-p1/metrics.csv" "$TMP/$m-p$np-ep$ep/metrics.csv" 20 1e-5
-    check "$m: P=$np ep=$ep gives the P=1 losses to 1e-5" $?
-    same_eval "$TMP/$m-p1/eval.csv" "$TMP/$m-p$np-ep$ep/eval.csv" 1e-5
-    check "$m: P=$np ep=$ep evaluates (in lock step) to the P=1 losses to 1e-5" $?
-    read -r total mine <<<"$(held "$TMP/$m-p$np-ep$ep.log")"
+    np=${layout%:*} ep=${layout#*:} r=$m-k4-p$np-ep$ep
+    run "$np" "$TMP/$r" "$TMP/$r.log" "${M[@]}" --set mixture.ffn_top_k=4 --set mixture.ep=$ep &&
+      grep -q "expert parallelism: $((np / ep)) group" "$TMP/$r.log"
+    check "$m: top-4: P=$np ep=$ep trains expert parallel" $?
+    same "$TMP/$m-k4-p1/metrics.csv" "$TMP/$r/metrics.csv" 20
+    check "$m: top-4: P=$np ep=$ep gives the P=1 losses to 1e-5" $?
+    same_eval "$TMP/$m-k4-p1/eval.csv" "$TMP/$r/eval.csv"
+    check "$m: top-4: P=$np ep=$ep evaluates (in lock step) to the P=1 losses to 1e-5" $?
+    read -r total mine <<<"$(held "$TMP/$r.log")"
     echo "     parameters held per rank: ${mine:-?} of ${total:-?}"
     [[ -n ${mine:-} && -n ${total:-} && $mine -lt $total ]] && { [[ $ep != 4 ]] || [[ $mine -lt ${held2[$m]} ]]; }
     check "$m: P=$np ep=$ep: each rank holds only its experts (fewer with ep=4 than ep=2)" $?
     [[ $ep == 2 ]] && held2[$m]=${mine:-0}
   done
-  run 2 "$TMP/$m-again" "$TMP/$m-again.log" "${M[@]}" --set mixture.ep=2 &&
-    cmp -s <(cut -d, -f1-5,8 "$TMP/$m-again/metrics.csv") <(cut -d, -f1-5,8 "$TMP/$m-p2-ep2/metrics.csv")
-  check "$m: P=2 ep=2 twice: bitwise-identical losses, gradient norms and aux losses" $?
+  for layout in 2:2 4:4; do
+    np=${layout%:*} ep=${layout#*:} r=$m-k2-p$np-ep$ep
+    run "$np" "$TMP/$r" "$TMP/$r.log" "${M[@]}" --set mixture.ffn_top_k=2 --set mixture.ep=$ep
+    check "$m: top-2: P=$np ep=$ep trains expert parallel" $?
+    same "$TMP/$m-k2-p1/metrics.csv" "$TMP/$r/metrics.csv" 20 --tol 1e-3
+    check "$m: top-2: P=$np ep=$ep gives the P=1 step 1 to 1e-5, every step to 1e-3" $?
+    same_eval "$TMP/$m-k2-p1/eval.csv" "$TMP/$r/eval.csv" --tol 1e-3
+    check "$m: top-2: P=$np ep=$ep evaluates (in lock step) to the P=1 losses to 1e-3" $?
+  done
+  run 2 "$TMP/$m-again" "$TMP/$m-again.log" "${M[@]}" --set mixture.ffn_top_k=2 --set mixture.ep=2 &&
+    cmp -s <(cut -d, -f1-5,8 "$TMP/$m-again/metrics.csv") <(cut -d, -f1-5,8 "$TMP/$m-k2-p2-ep2/metrics.csv")
+  check "$m: top-2: P=2 ep=2 twice: bitwise-identical losses, gradient norms and aux losses" $?
 done
 
 # Stop with ep=2 on 4 ranks, resume with ep=4 on 4 ranks: the same losses continue.
-M=(--mixture "$TMP/mix-bam/ckpt" "${S[@]}" "${T[@]}")
+M=(--mixture "$TMP/mix-bam/ckpt" "${S[@]}" "${T[@]}" --set mixture.ffn_top_k=4)
 run 4 "$TMP/r" "$TMP/r1.log" "${M[@]}" --set mixture.ep=2 --stop-after 10 &&
   run 4 "$TMP/r" "$TMP/r2.log" "${M[@]}" --set mixture.ep=4 --resume &&
-  same "$TMP/bam-p1/metrics.csv" "$TMP/r/metrics.csv" 20 1e-5
+  same "$TMP/bam-k4-p1/metrics.csv" "$TMP/r/metrics.csv" 20
 check "bam: stopped at 10 with ep=2, resumed with ep=4: the P=1 losses to 1e-5" $?
 run 2 "$TMP/r2" "$TMP/r3.log" "${M[@]}" --set mixture.ep=2 --stop-after 10 &&
   run 1 "$TMP/r2" "$TMP/r4.log" "${M[@]}" --resume &&
-  same "$TMP/bam-p1/metrics.csv" "$TMP/r2/metrics.csv" 20 1e-5
+  same "$TMP/bam-k4-p1/metrics.csv" "$TMP/r2/metrics.csv" 20
 check "bam: stopped at 10 with P=2 ep=2, resumed on one rank: the P=1 losses to 1e-5" $?
 
 # Refusals: ep must divide the ranks and the experts.
