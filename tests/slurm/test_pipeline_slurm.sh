@@ -7,7 +7,8 @@
 #   - a second submission for the same run is refused while the chain is queued;
 #   - the mixture training train-bam-dm is requeued (scontrol requeue) once its first checkpoint
 #     exists: it stops on the signal and its restart resumes from the checkpoint (or, had it
-#     already finished, skips the stage);
+#     already passed its last step, resumes from the final checkpoint with nothing left to
+#     train; had it finished, skips the stage);
 #   - every job completes; --wait prints the report; every artifact, DONE marker, eval output,
 #     routing CSV and stage log exists; report.md and results.csv have a row per model;
 #   - the chain's numbers equal the local run's exactly: results.csv byte for byte, every
@@ -160,10 +161,15 @@ done
 info=$(scontrol -o show job "$id")
 restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$info")
 log=$S/logs/train-bam-dm-$id.out
-if ((was_running)); then
+tlog=$S/train-bam-dm/log.txt
+if ((was_running)) && ! grep -q "stopping on signal" "$tlog" && grep -q "resumed from $S/train-bam-dm/ckpt/step-000010: step 10" "$tlog"; then
+  # RUNNING when requeued, but past its last step (evaluating or writing final.h5): the
+  # restart resumes from the final checkpoint with no step left and finishes the stage.
+  [[ $restarts == 1 ]] && grep -q "restart 1 " "$log" && grep -q "wrote $S/train-bam-dm/final.h5" "$tlog"
+  check "requeued after its last step (still RUNNING): restarted once, resumed from the final checkpoint" $?
+elif ((was_running)); then
   [[ $restarts == 1 ]] && grep -q "restart 0 " "$log" && grep -q "restart 1 " "$log" &&
-    grep -q "stopping on signal" "$S/train-bam-dm/log.txt" &&
-    grep -q "resumed from $S/train-bam-dm/ckpt/step-" "$S/train-bam-dm/log.txt"
+    grep -q "stopping on signal" "$tlog" && grep -q "resumed from $S/train-bam-dm/ckpt/step-" "$tlog"
   check "requeued while training: stopped on the signal, restarted once, resumed from its checkpoint" $?
 else
   [[ $restarts == 1 ]] && grep -q "restart 1 " "$log" && grep -q "train bam dm (10 steps): skipped" "$log"
