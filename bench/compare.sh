@@ -22,8 +22,8 @@
 # its share of the sgemm ceiling bam-bench measures in the same run (at the row's total thread
 # count), PyTorch's tokens/s and the ratio, peak RSS against what the state needs (params,
 # grads, AdamW moments, saved activations; per rank on 2 ranks, where AdamW is sharded).
-# Appends JSON lines to bench/results/compare-<host>.jsonl and writes
-# bench/results/compare-<host>.md: the newest row of every case there, with its command and
+# Appends JSON lines to bench/results/compare-<host>-<isa>.jsonl (isa: avx512, avx2) and writes
+# bench/results/compare-<host>-<isa>.md: the newest row of every case there, with its command and
 # date (runs of subsets add up; empty the .jsonl to start afresh). Not part of the test suite.
 # docs/performance.md explains the columns and how FLOPs are counted.
 set -euo pipefail
@@ -66,7 +66,11 @@ for b in bam-bench bam; do
   [[ -n $TABLE_ONLY || -x $BUILD/$b ]] || { echo "no $BUILD/$b: cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2; exit 2; }
 done
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-HOST=$(hostname)
+# Results are kept per machine kind: the host name and the widest vector unit (a Debian VM's
+# host name is often just "vm", and an AVX-512 and an AVX2 machine give other tables).
+isa() { if grep -qw avx512f /proc/cpuinfo; then echo avx512; elif grep -qw avx2 /proc/cpuinfo; then echo avx2; else echo sse; fi; }
+HOST=$(hostname)-$(isa)
+CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 mkdir -p bench/results
 OUT=bench/results/compare-$HOST.jsonl MD=bench/results/compare-$HOST.md
 TMP=$(mktemp -d /tmp/bam-compare-XXXXXX)
@@ -200,10 +204,10 @@ done
 
 # The table: the newest row of every case in $OUT (so runs of subsets add up), with the
 # command and date that produced each.
-"$PY" - "$OUT" "$HOST" >"$MD" <<'PY'
+"$PY" - "$OUT" "$HOST" "$CPU" "$(nproc)" >"$MD" <<'PY'
 import json, sys
 import torch
-rows, host = sys.argv[1], sys.argv[2]
+rows, host, cpu, cores = sys.argv[1:5]
 latest = {}
 for line in open(rows):
     if line.strip():
@@ -223,6 +227,7 @@ fmt = lambda v, f: "n/a" if v is None else format(v, f)
 bound = lambda r: (r["sgemm_ceiling_gflops"] / r["torch_model_gflops"]
                    if r.get("torch_model_gflops") else None)
 print(f"# bam beside PyTorch on {host}\n")
+print(f"Machine: {cpu}, {cores} cores.\n")
 print(f"PyTorch {torch.__version__}. Training steps (forward + backward + clip + AdamW), 2 "
       "warm-up steps then the median of `steps`. Rows 1 x T: bam-bench beside "
       "bench/torch_bench.py; rows 2 x 1: `bam pretrain` / `bam train` data parallel beside "

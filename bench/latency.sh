@@ -3,7 +3,7 @@
 # dense model and the BTX, BAM and BAM shared-KV mixtures (4 experts, FFN top-1, soft
 # attention routing) at the quick and paper-small shapes, with and without the KV cache, on
 # 1 and 2 threads. One JSON line per case on stdout, appended to
-# bench/results/latency-<host>.jsonl; bench/results/latency-<host>.md tables the newest line
+# bench/results/latency-<host>-<isa>.jsonl; bench/results/latency-<host>-<isa>.md tables the newest line
 # of every case there (so runs of one shape or kind at a time compose).
 #
 #   bench/latency.sh [bam-latency options]     e.g. --shape quick --runs 3 --nocache-runs 1
@@ -23,7 +23,9 @@ if [[ ! -x $BUILD/bam-latency ]]; then
     jobs/setup.sh >/dev/null
   fi
 fi
-host=$(hostname)
+# per machine kind: the host name and the widest vector unit (as bench/compare.sh)
+if grep -qw avx512f /proc/cpuinfo; then isa=avx512; elif grep -qw avx2 /proc/cpuinfo; then isa=avx2; else isa=sse; fi
+host=$(hostname)-$isa
 mkdir -p bench/results
 jsonl=bench/results/latency-$host.jsonl
 md=bench/results/latency-$host.md

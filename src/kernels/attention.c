@@ -17,8 +17,8 @@
  * head_dim 64 every score costs only 2 x 64 multiply-adds, so materialising it (written by
  * one product, read and written by the softmax, packed by the next product, read again in
  * the backward) also cost as much time as the arithmetic; the fused tiles avoid that traffic
- * but pay for their own exponentials and bookkeeping. Measured on this project's machines
- * (AVX2, one attention layer, forward + backward): at head_dim 64 (quick shape) the same
+ * but pay for their own exponentials and bookkeeping. Measured on an AVX2 machine
+ * (one attention layer, forward + backward): at head_dim 64 (quick shape) the same
  * time as the sgemm-based kernel to within 10%, on one thread and on two; at head_dim 128
  * (paper-small) the backward is slower, 20-30 against 30-40 GFLOP/s on one thread, a few
  * percent of a paper-small step (docs/performance.md).
@@ -45,8 +45,8 @@
 #include "bam/kernels.h"
 #include "internal.h"
 
-/* Vector width: 16 floats with AVX-512, else 8 (AVX2; GCC's -march=native reports no AVX-512
- * on this project's machines). A score tile is FQ x FK = FQ x 2 vectors of accumulators plus
+/* Vector width: 16 floats with AVX-512, else 8 (AVX2); this project's machines have been of
+ * both kinds (-march=native picks; CMake's BAM_MARCH overrides). A score tile is FQ x FK = FQ x 2 vectors of accumulators plus
  * two loaded vectors, sized to the register file (16 ymm or 32 zmm registers). */
 #ifndef ATTN_NV
 #define ATTN_NV 2
