@@ -82,7 +82,12 @@ batch_for() { if [[ $1 == quick ]]; then echo 16; else echo 8; fi; }
 
 # The mixtures our trainer starts from: seed (random init, 1 step), 3 experts (1 step each),
 # mixed; the same cache and recipe as bench/mixtures.sh (either script reuses the other's).
-DATA=data/prepared/v4096
+DATA=${BAM_BENCH_DATA:-data/prepared/v4096} # the 2-rank rows train on it
+if [[ -n $SHAPES && " $RANKS " == *" 2 "* && ! -f $DATA/manifest.json ]]; then
+  echo "the 2-rank rows train on $DATA, which is not prepared: run data/prepare.sh --out $DATA" \
+    "(a few minutes), or measure the 1-rank rows alone with --ranks 1" >&2
+  exit 2
+fi
 trainer_opts() { # shape -> common --set options of the trainer runs
   local b; b=$(batch_for "$1")
   echo "--set data.dir=$DATA --set data.eval_domains=general --set eval.every=0" \

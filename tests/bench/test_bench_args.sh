@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark programs (bam-bench, bam-latency) refuse bad options with exit code 2 and a
 # message naming the option and the value, print their usage on --help with exit code 0, and
-# with a good command line do what they say (bam-bench --steps 0: one state line per case).
+# with a good command line do what they say (bam-bench --steps 0: one state line per case);
+# bench/compare.sh refuses 2-rank rows without their data before timing anything.
 set -uo pipefail
 BUILD=${BAM_BUILD_DIR:?}
 TMP=$(mktemp -d /tmp/bam-test-bench-XXXXXX)
@@ -36,6 +37,12 @@ B=$BUILD/bam-bench
 expect 2 "bam-bench steps out of range" "option --steps: '65' is not an integer in [0, 64]" -- "$B" --steps 65
 expect 2 "bam-bench ranks with timing" "--ranks R > 1 only with --steps 0" -- "$B" --ranks 2 --steps 1
 expect 2 "bam-latency zero runs" "option --runs: '0' is not an integer in [1, 100]" -- "$BUILD/bam-latency" --runs 0
+
+# bench/compare.sh refuses to start 2-rank rows without their prepared corpus (instead of
+# failing after the 1-rank rows have run).
+SRC=${BAM_SOURCE_DIR:?}
+expect 2 "compare.sh without the 2-rank rows' data" "which is not prepared: run data/prepare.sh" -- \
+  env BAM_BENCH_DATA="$TMP/none" BUILD="$BUILD" bash -c 'cd "$1" && bench/compare.sh --shape quick --kind dense' _ "$SRC"
 
 # A good command: the state of the quick dense model, per rank of 2, no timing.
 OMP_NUM_THREADS=1 timeout 300 "$B" --shape quick --kind dense --steps 0 --ranks 2 --threads 1 >"$TMP/out" 2>&1
