@@ -46,8 +46,9 @@
 #include "internal.h"
 
 /* Vector width: 16 floats with AVX-512, else 8 (AVX2); this project's machines have been of
- * both kinds (-march=native picks; CMake's BAM_MARCH overrides). A score tile is FQ x FK = FQ x 2 vectors of accumulators plus
- * two loaded vectors, sized to the register file (16 ymm or 32 zmm registers). */
+ * both kinds (-march=native picks; CMake's BAM_MARCH overrides). A score tile is FQ x FK =
+ * FQ x 2 vectors of accumulators plus two loaded vectors, sized to the register file (16 ymm
+ * or 32 zmm registers). */
 #ifndef ATTN_NV
 #define ATTN_NV 2
 #endif
