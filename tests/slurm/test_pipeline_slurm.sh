@@ -49,7 +49,7 @@ cleanup() {
   [[ -n $LOCAL_PID ]] && kill -TERM -- -"$LOCAL_PID" 2>/dev/null
   "$CL" stop --dir "$CDIR" >/dev/null 2>&1 || echo "warning: stopping the cluster failed"
   [[ -n $LOCAL_PID ]] && wait "$LOCAL_PID" 2>/dev/null
-  rm -rf "$TMP"
+  if ((rc == 0 && fail == 0)); then rm -rf "$TMP"; else echo "kept $TMP (its runs and Slurm logs) for a look"; fi
   ((rc == 0 && fail == 0)) || exit $((rc ? rc : 1))
 }
 trap cleanup EXIT
@@ -157,6 +157,13 @@ done
 for s in "${!ID[@]}"; do
   [[ ${STATE[$s]} == COMPLETED ]] || { echo "     --- $s (${ID[$s]})"; show "$S/logs/$s-${ID[$s]}.out"; }
 done
+if [[ -n $bad ]]; then # what each training left behind (a later stage may have failed on it)
+  for d in "$S"/train-*; do
+    echo "     --- $d"
+    ls -la "$d" "$d/ckpt" 2>&1 | sed 's/^/     | /'
+    show "$d/log.txt" 6
+  done
+fi
 
 info=$(scontrol -o show job "$id")
 restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$info")
