@@ -342,6 +342,30 @@ stage_done() {
   log "$STAGE_NAME: done in $((SECONDS - STAGE_T0)) s"
 }
 # stage_failed RC LABEL LOG: a bam stopped by a signal (143, checkpointed) or failed.
+# launched LABEL LOG OUTPUT... -- COMMAND...: runs COMMAND (the launcher prefix included), its
+# output appended to LOG, and returns its status; but a launcher that exits 0 without every
+# OUTPUT in place runs it again (three tries in all), then fails. srun can report success for
+# a job step that never started ("StepId=6.0 aborted before step completely launched ... task
+# 0 launch failed", exit 0), seen when five training jobs launched their steps at once on the
+# local test cluster; every stage here resumes, so running it again is safe.
+launched() {
+  local label=$1 logf=$2 outs=() o try rc missing
+  shift 2
+  while [[ $1 != -- ]]; do outs+=("$1"); shift; done
+  shift
+  for try in 1 2 3; do
+    rc=0
+    "$@" >>"$logf" 2>&1 || rc=$?
+    ((rc == 0)) || return "$rc"
+    missing=""
+    for o in "${outs[@]}"; do [[ -e $o ]] || missing+=" $o"; done
+    [[ -z $missing ]] && return 0
+    echo "pipeline: $label: the launcher exited 0 but wrote no$missing (try $try of 3)" | tee -a "$logf" >&2
+    sleep 2
+  done
+  return 1
+}
+
 stage_failed() {
   if [[ $1 == 143 ]]; then
     echo "pipeline: $2 stopped by a signal after checkpointing (see $3); run again to resume" >&2
@@ -369,8 +393,8 @@ overrides = ${SETS[*]}"
   if ! stage_skip seed seed "$SEED" "$expect"; then
     mkdir -p "$SEED"
     launch "$RANKS"
-    "${LAUNCH[@]}" "$BAM" pretrain --config "$CONFIG" "${SETS[@]}" --set "run.out_dir=$SEED" --resume \
-      >>"$SEED/log.txt" 2>&1 || rc=$?
+    launched seed "$SEED/log.txt" "$SEED/final.h5" -- \
+      "${LAUNCH[@]}" "$BAM" pretrain --config "$CONFIG" "${SETS[@]}" --set "run.out_dir=$SEED" --resume || rc=$?
     ((rc == 0)) || stage_failed "$rc" seed "$SEED/log.txt"
     stage_done "$SEED" "$expect"
   fi
@@ -388,8 +412,11 @@ overrides = ${SETS[*]}"
   if ! stage_skip branch branch "$EXP" "$expect"; then
     mkdir -p "$EXP"
     launch "$BRANCH_RANKS"
-    "${LAUNCH[@]}" "$BAM" branch --seed "$SEED/ckpt" --domains "$DOMAINS" --out "$EXP" --resume \
-      "${SETS[@]}" --set "train.steps=$BRANCH_STEPS" >>"$EXP/log.txt" 2>&1 || rc=$?
+    local outs=()
+    for d in "${DOM[@]}"; do outs+=("$EXP/$d/final.h5"); done
+    launched branch "$EXP/log.txt" "${outs[@]}" -- \
+      "${LAUNCH[@]}" "$BAM" branch --seed "$SEED/ckpt" --domains "$DOMAINS" --out "$EXP" --resume \
+      "${SETS[@]}" --set "train.steps=$BRANCH_STEPS" || rc=$?
     ((rc == 0)) || stage_failed "$rc" branch "$EXP/log.txt"
     stage_done "$EXP" "$expect"
   fi
@@ -440,8 +467,9 @@ overrides = ${SETS[*]}"
   if ! stage_skip "train-$r" "train $m $b ($steps steps)" "$dir" "$expect"; then
     mkdir -p "$dir"
     launch "$RANKS"
-    "${LAUNCH[@]}" "$BAM" train --mixture "$RUN/mix-$m/ckpt" --out "$dir" --resume "${SETS[@]}" \
-      --set "train.steps=$steps" >>"$dir/log.txt" 2>&1 || rc=$?
+    launched "train $m $b" "$dir/log.txt" "$dir/final.h5" -- \
+      "${LAUNCH[@]}" "$BAM" train --mixture "$RUN/mix-$m/ckpt" --out "$dir" --resume "${SETS[@]}" \
+      --set "train.steps=$steps" || rc=$?
     ((rc == 0)) || stage_failed "$rc" "train $m $b" "$dir/log.txt"
     stage_done "$dir" "$expect"
   fi
