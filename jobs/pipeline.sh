@@ -341,7 +341,6 @@ stage_done() {
   printf '%s\n' "$2" >"$1/DONE.tmp" && mv "$1/DONE.tmp" "$1/DONE"
   log "$STAGE_NAME: done in $((SECONDS - STAGE_T0)) s"
 }
-# stage_failed RC LABEL LOG: a bam stopped by a signal (143, checkpointed) or failed.
 # launched LABEL LOG OUTPUT... -- COMMAND...: runs COMMAND (the launcher prefix included), its
 # output appended to LOG, and returns its status; but a launcher that exits 0 without every
 # OUTPUT in place runs it again (three tries in all), then fails. srun can report success for
@@ -366,6 +365,7 @@ launched() {
   return 1
 }
 
+# stage_failed RC LABEL LOG: a bam stopped by a signal (143, checkpointed) or failed.
 stage_failed() {
   if [[ $1 == 143 ]]; then
     echo "pipeline: $2 stopped by a signal after checkpointing (see $3); run again to resume" >&2
