@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "args.h"
+#include "bam/kernels.h"
 #include "bam/net.h"
 #include "bam/optim.h"
 
@@ -94,7 +95,8 @@ int main(int argc, char **argv) {
       {"paper-small", {6, 1024, 8, 8, 2048, 4096, 256, 0, 10000.0f, 1e-5f}, 8},
   };
   double sq = sgemm_gflops(2048, 2048, 2048, 5);
-  printf("{\"kind\":\"sgemm\",\"shape\":\"square-2048\",\"threads\":%d,\"gflops\":%.1f}\n", threads, sq);
+  printf("{\"kind\":\"sgemm\",\"shape\":\"square-2048\",\"threads\":%d,\"blas\":\"%s\",\"gflops\":%.1f}\n",
+         threads, bam_blas_kernels(), sq);
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
     bench_case *bc = &cases[c];
     if (strcmp(which, "all") && strcmp(which, bc->name)) continue;
@@ -138,9 +140,9 @@ int main(int argc, char **argv) {
                       (1024.0 * 1024.0);
         printf("{\"kind\":\"%s\",\"shape\":\"%s\",\"ranks\":%d,\"threads\":%d,\"batch\":%d,"
                "\"seq_len\":%d,\"experts\":%d,\"params\":%zu,\"sgemm_ceiling_gflops\":%.1f,"
-               "\"state_mib\":%.0f}\n",
+               "\"state_mib\":%.0f,\"blas\":\"%s\"}\n",
                kind_names[k], bc->name, ranks, threads, B, T, k ? experts : 1, net.n_params, ceiling,
-               need);
+               need, bam_blas_kernels());
         fflush(stdout);
         bam_net_free(&net);
         continue;
@@ -173,9 +175,10 @@ int main(int argc, char **argv) {
       printf("{\"kind\":\"%s\",\"shape\":\"%s\",\"ranks\":1,\"threads\":%d,\"batch\":%d,"
              "\"seq_len\":%d,\"experts\":%d,\"params\":%zu,\"step_s\":%.4f,\"tokens_per_s\":%.1f,"
              "\"model_gflops\":%.2f,\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f,"
-             "\"peak_rss_mib\":%.0f,\"state_mib\":%.0f}\n",
+             "\"peak_rss_mib\":%.0f,\"state_mib\":%.0f,\"blas\":\"%s\"}\n",
              kind_names[k], bc->name, threads, B, T, k ? experts : 1, net.n_params, dt, N / dt,
-             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, bam_peak_rss_mib(), need);
+             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, bam_peak_rss_mib(), need,
+             bam_blas_kernels());
       fflush(stdout);
       bam_free(am), bam_free(av), bam_free(x), bam_free(y);
       bam_net_free(&net);

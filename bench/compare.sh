@@ -5,7 +5,15 @@
 #
 #   bench/compare.sh [--shape quick|paper-small|all] [--kind dense|btx|bam|bam-shared-kv|all]
 #                    [--threads 1|2|all] [--ranks 1|2|all] [--steps N] [--repeat R] [--build DIR]
+#                    [--blas env|auto]
 #   bench/compare.sh --table        only rewrite the table from the .jsonl
+#
+# --blas: which OpenBLAS kernels both programs run. env (default): whatever the environment
+# picks (OPENBLAS_CORETYPE, which some machines set: this workplace's AMD EPYC machines force the
+# AVX2 "Haswell" kernels because older OpenBLAS builds misbehave on some processors). auto:
+# unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this run alone, for bam and PyTorch alike, so
+# OpenBLAS picks by itself (AVX-512 kernels there). Every row records the kernels of both sides
+# (they must be the same) and the table keeps the two settings apart.
 #
 # Lists may be comma-separated (--kind btx,bam). Per shape, kind and thread count (ranks 1):
 # bam-bench and torch_bench.py, 2 warm-up steps then the median of N (default: 3 on quick,
@@ -30,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CMD="bench/compare.sh${*:+ $*}"
 
-usage() { sed -n '6,8p' "$0" | sed 's/^# *//' >&2; exit 2; }  # the synopsis above
+usage() { echo "usage:" >&2; sed -n '6,9p' "$0" | sed 's/^#//' >&2; exit 2; }  # the synopsis above
 # list VALUE "all choices": "all" -> every choice, "a,b" -> "a b", each checked
 list() {
   local v=${1//,/ } out="" x
@@ -42,7 +50,7 @@ list() {
   echo "${out% }"
 }
 SHAPES="quick paper-small" KINDS="dense btx bam bam-shared-kv" THREADS="1 2" RANKS="1 2"
-STEPS="" REPEAT=1 BUILD=${BUILD:-build} TABLE_ONLY=""
+STEPS="" REPEAT=1 BUILD=${BUILD:-build} TABLE_ONLY="" BLAS=env
 while (($#)); do
   if [[ $1 == --table ]]; then TABLE_ONLY=1 SHAPES=""; shift; continue; fi
   [[ $# -ge 2 ]] || usage
@@ -54,12 +62,16 @@ while (($#)); do
     --steps) STEPS=$2; [[ $STEPS =~ ^[1-9][0-9]*$ ]] || usage ;;
     --repeat) REPEAT=$2; [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || usage ;;
     --build) BUILD=$2 ;;
+    --blas) BLAS=$2
+            [[ $BLAS == env || $BLAS == auto ]] || { echo "option --blas: '$2' is not one of env auto" >&2; exit 2; } ;;
     *) usage ;;
   esac
   shift 2
 done
 
 [[ -z $TABLE_ONLY ]] || SHAPES=""
+# auto: OpenBLAS's own choice of kernels, in this run only (both programs inherit it)
+[[ $BLAS == env ]] || unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 PY=${BAM_PYTHON:-/usr/bin/python3}
 "$PY" -c 'import torch' 2>/dev/null || { echo "$PY cannot import torch (apt-get install python3-torch)" >&2; exit 2; }
 for b in bam-bench bam; do
@@ -142,12 +154,16 @@ if "params" in ours and theirs.get("params") not in (None, ours["params"]):
     sys.exit(f"parameter counts differ: bam {ours['params']}, torch {theirs['params']} ({kind} {shape})")
 if "params" in need and theirs.get("params") not in (None, need["params"]):
     sys.exit(f"parameter counts differ: bam {need['params']}, torch {theirs['params']} ({kind} {shape})")
+blas, torch_blas = need.get("blas", ours.get("blas")), theirs.get("blas")
+if blas and torch_blas and blas != torch_blas:
+    sys.exit(f"the two sides ran different OpenBLAS kernels: bam {blas}, torch {torch_blas}")
 tps, gf = ours["tokens_per_s"], ours["model_gflops"]
 rss = max(r["peak_rss_mib"] for r in ours_runs)
 state = need["state_mib"]
 ttps = theirs.get("tokens_per_s")
 row = {"kind": kind, "shape": shape, "ranks": int(ranks), "threads": int(threads),
        "steps": int(steps), "repeats": len(ours_runs), "source": source, "params": need["params"],
+       "blas": blas, "torch_blas": torch_blas,
        "tokens_per_s": tps, "model_gflops": gf, "sgemm_ceiling_gflops": ceiling,
        "ceiling_share": round(gf / ceiling, 3), "torch_tokens_per_s": ttps,
        "torch_model_gflops": theirs.get("model_gflops"),
@@ -217,9 +233,10 @@ latest = {}
 for line in open(rows):
     if line.strip():
         r = json.loads(line)
-        latest[(r["shape"], r["kind"], r["ranks"], r["threads"])] = r
-order = lambda k: (["quick", "paper-small"].index(k[0]),
-                   ["dense", "btx", "bam", "bam-shared-kv"].index(k[1]), k[2], k[3])
+        r["blas"] = r.get("blas") or "not recorded"
+        latest[(r["blas"], r["shape"], r["kind"], r["ranks"], r["threads"])] = r
+order = lambda k: (k[0], ["quick", "paper-small"].index(k[1]),
+                   ["dense", "btx", "bam", "bam-shared-kv"].index(k[2]), k[3], k[4])
 rows = [latest[k] for k in sorted(latest, key=order)]
 runs = []
 for r in rows:
@@ -237,18 +254,20 @@ print(f"PyTorch {torch.__version__}. Training steps (forward + backward + clip +
       "warm-up steps then the median of `steps`. Rows 1 x T: bam-bench beside "
       "bench/torch_bench.py; rows 2 x 1: `bam pretrain` / `bam train` data parallel beside "
       "PyTorch DistributedDataParallel (gloo). Columns: docs/performance.md. Newest row per "
-      f"case of bench/results/compare-{host}.jsonl, from:\n")
+      f"case of bench/results/compare-{host}.jsonl. BLAS: the OpenBLAS kernels both sides ran "
+      "(`--blas env`: as the machine's environment picks them; `--blas auto`: OpenBLAS's own "
+      "choice), each set of rows with the sgemm ceiling of its own kernels. From:\n")
 for i, (cmd, date) in enumerate(runs, 1):
     print(f"{i}. `{cmd}` on {date} (UTC)")
-print("\n| shape | model | ranks x threads | steps x runs | tokens/s | model GFLOP/s | of sgemm ceiling "
+print("\n| BLAS | shape | model | ranks x threads | steps x runs | tokens/s | model GFLOP/s | of sgemm ceiling "
       "| PyTorch tokens/s | bam / PyTorch | ceiling / PyTorch | peak RSS MiB | need MiB "
       "| RSS / need | load | run |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     run = runs.index((r.get("command", "?"), r["date"])) + 1
     rng = r.get("pair_ratio_range")
     ratio = fmt(r['ratio_to_torch'], '.2f') + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
-    print(f"| {r['shape']} | {names[r['kind']]} | {r['ranks']} x {r['threads']} | "
+    print(f"| {r['blas']} | {r['shape']} | {names[r['kind']]} | {r['ranks']} x {r['threads']} | "
           f"{r['steps']} x {r.get('repeats', 1)} | "
           f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} | "
           f"{100 * r['ceiling_share']:.0f}% of {r['sgemm_ceiling_gflops']:.0f} | "

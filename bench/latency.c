@@ -19,6 +19,7 @@
 
 #include "args.h"
 #include "bam/decode.h"
+#include "bam/kernels.h"
 #include "bam/net.h"
 
 typedef struct {
@@ -216,7 +217,7 @@ int main(int argc, char **argv) {
              "\"kv_bytes_per_token\":%zu,\"kv_cache_mib\":%.2f,"
              "\"step_weight_mib\":%.2f,\"step_kv_read_mib\":%.2f,\"step_gflop\":%.4f,"
              "\"step_gb_per_s\":%.2f,\"step_gflops\":%.2f,\"best_total_ms\":%.2f,"
-             "\"peak_rss_mib\":%.0f,\"load_average\":%.2f}\n",
+             "\"peak_rss_mib\":%.0f,\"load_average\":%.2f,\"blas\":\"%s\"}\n",
              kind_names[k], sc->name, threads, n_prompt, n_new, E, runs, nc_runs, net.n_params,
              1e3 * cache_t.prefill, 1e3 * cache_t.per_token, 1e3 * cache_t.total,
              1e3 * full_t.prefill, 1e3 * full_t.per_token, 1e3 * full_t.total,
@@ -227,7 +228,7 @@ int main(int argc, char **argv) {
              sc_end.flops / 1e9,
              cache_t.per_token > 0 ? (sc_end.weight_bytes + sc_end.kv_bytes) / cache_t.per_token / 1e9 : 0.0,
              cache_t.per_token > 0 ? sc_end.flops / cache_t.per_token / 1e9 : 0.0,
-             1e3 * best_total, bam_peak_rss_mib(), load_average());
+             1e3 * best_total, bam_peak_rss_mib(), load_average(), bam_blas_kernels());
       fflush(stdout);
       bam_free(prompt), bam_free(ctx), bam_free(tc), bam_free(tf), bam_free(logits);
       bam_free(pre), bam_free(tok), bam_free(tot);

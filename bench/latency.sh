@@ -7,7 +7,11 @@
 # of every case there (so runs of one shape or kind at a time compose).
 #
 #   bench/latency.sh [bam-latency options]     e.g. --shape quick --runs 3 --nocache-runs 1
-#   THREADS="1 2" BUILD=build                  environment, with their defaults
+#   THREADS="1 2" BUILD=build BLAS=env         environment, with their defaults
+#
+# BLAS=auto unsets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for this run, so OpenBLAS picks its
+# kernels by itself instead of as the environment says (bench/compare.sh --blas explains);
+# every line records the kernels it ran, and the table keeps them apart.
 #
 # Defaults: 10 timed runs after one warm-up, with and without the cache. Without the cache
 # the paper-small BAM case recomputes 16 windows of ~264 tokens per run (about a minute per
@@ -16,6 +20,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
+case ${BLAS:=env} in
+  env) ;;
+  auto) unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE ;;
+  *) echo "BLAS=$BLAS: one of env, auto" >&2; exit 2 ;;
+esac
 if [[ ! -x $BUILD/bam-latency ]]; then
   if [[ -f $BUILD/CMakeCache.txt ]]; then
     cmake --build "$BUILD" --target bam-latency -j "$(nproc)" >/dev/null
@@ -44,11 +53,13 @@ latest = {}  # the newest line of every (shape, kind, threads): separate runs co
 for line in open(src):
     if line.strip():
         r = json.loads(line)
-        latest[(r["shape"], r["kind"], r["threads"])] = r
+        r["blas"] = r.get("blas") or "not recorded"
+        latest[(r["blas"], r["shape"], r["kind"], r["threads"])] = r
 order = {"quick": 0, "paper-small": 1}
 kinds = {"dense": 0, "btx": 1, "bam": 2, "bam-shared-kv": 3}
 rows = sorted(latest.values(),
-              key=lambda r: (order.get(r["shape"], 9), r["threads"], kinds.get(r["kind"], 9)))
+              key=lambda r: (r["blas"], order.get(r["shape"], 9), r["threads"],
+                             kinds.get(r["kind"], 9)))
 def f(x, nd=1):
     return "-" if x in (None, 0) else f"{x:,.{nd}f}"
 out = [f"# Inference latency on {host}", "",
@@ -62,14 +73,14 @@ out = [f"# Inference latency on {host}", "",
        "experts a token uses) plus the K/V cache at the mean context of the steps; GB/s: the "
        "rate the measured step time implies. Best total: the fastest cached run (the least "
        "disturbed by other work). Load: the 1-minute load average after the case "
-       "(2 cores: above 2 means other work shared them).", "",
-       "| shape | kind | threads | prefill ms | decode ms/token | total ms | no cache: prefill ms "
+       "(2 cores: above 2 means other work shared them). BLAS: the OpenBLAS kernels of the run.", "",
+       "| BLAS | shape | kind | threads | prefill ms | decode ms/token | total ms | no cache: prefill ms "
        "| no cache: ms/token | no cache: total ms | speed-up | best total ms | KV cache KiB/token "
        "| step reads MiB | step GB/s | same tokens | runs | load |",
-       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
     same = {True: "yes", False: "NO", None: "-"}[r["same_tokens"]]
-    out.append(f"| {r['shape']} | {r['kind']} | {r['threads']} | {f(r['prefill_ms'])} | "
+    out.append(f"| {r['blas']} | {r['shape']} | {r['kind']} | {r['threads']} | {f(r['prefill_ms'])} | "
                f"{f(r['decode_ms_per_token'], 2)} | {f(r['total_ms'])} | {f(r['nocache_prefill_ms'])} | "
                f"{f(r['nocache_ms_per_token'])} | {f(r['nocache_total_ms'])} | "
                f"{f(r['speedup_total'])}x | {f(r['best_total_ms'])} | {r['kv_bytes_per_token'] / 1024:.0f} | "

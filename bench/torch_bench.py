@@ -346,7 +346,23 @@ def run_case(kind, shape_name, args, rank=0, world=1):
             "steps": args.steps, "step_s": round(step_s, 4),
             "tokens_per_s": round(tokens / step_s, 1),
             "model_gflops": round(3.0 * fpt * tokens / step_s / 1e9, 2),
-            "peak_rss_mib": round(rss)}
+            "peak_rss_mib": round(rss), "blas": blas_kernels()}
+
+
+def blas_kernels():
+    """The kernels the BLAS torch loaded runs ("Haswell", "Cooperlake", ...) when it is an
+    OpenBLAS (Debian's libblas.so.3 alternatives are), else its file name."""
+    import ctypes
+    libs = sorted({line.split()[-1] for line in open("/proc/self/maps")
+                   if "libblas" in line or "openblas" in line})
+    for path in libs:
+        try:
+            fn = ctypes.CDLL(path).openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_char_p
+        return fn().decode()
+    return os.path.basename(libs[0]) if libs else "unknown"
 
 
 def cases(args):

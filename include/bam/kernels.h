@@ -13,6 +13,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ---- the kernels OpenBLAS runs ("Haswell", "SkylakeX", "Cooperlake", "Zen", ...): chosen by
+ * the library when it loads, from the CPU or from OPENBLAS_CORETYPE (src/kernels/blas.c). */
+const char *bam_blas_kernels(void);
+
 /* ---- linear layer: y(n,out) = x(n,in) . W(out,in)^T  (PyTorch nn.Linear layout, no bias) */
 void bam_matmul_forward(float *y, const float *x, const float *w, int n, int in, int out);
 /* dx(n,in) += dy(n,out) . W(out,in);   dw(out,in) += dy(n,out)^T . x(n,in) */

@@ -1,9 +1,11 @@
 /* bam: one program, one subcommand per pipeline step. Every rank runs main; a failure on any
  * rank prints its one-line message and aborts the whole MPI job, so no rank is left waiting
  * in a collective. */
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bam/kernels.h"
 #include "cli.h"
 
 #define BAM_VERSION "0.1.0"
@@ -77,7 +79,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
-    bam_log("bam %s\n", BAM_VERSION);
+    bam_log("bam %s\nOpenBLAS kernels: %s\nOpenMP threads per rank: %d\n", BAM_VERSION,
+            bam_blas_kernels(), omp_get_max_threads());
     MPI_Finalize();
     return 0;
   }

@@ -2,7 +2,9 @@
 # The benchmark programs (bam-bench, bam-latency) refuse bad options with exit code 2 and a
 # message naming the option and the value, print their usage on --help with exit code 0, and
 # with a good command line do what they say (bam-bench --steps 0: one state line per case);
-# bench/compare.sh refuses 2-rank rows without their data before timing anything.
+# bench/compare.sh refuses 2-rank rows without their data before timing anything, and a bad
+# --blas; the OpenBLAS kernels bam reports are the ones the environment asks for, and the same
+# as bench/torch_bench.py reports for the BLAS PyTorch loads.
 set -uo pipefail
 BUILD=${BAM_BUILD_DIR:?}
 TMP=$(mktemp -d /tmp/bam-test-bench-XXXXXX)
@@ -43,6 +45,32 @@ expect 2 "bam-latency zero runs" "option --runs: '0' is not an integer in [1, 10
 SRC=${BAM_SOURCE_DIR:?}
 expect 2 "compare.sh without the 2-rank rows' data" "which is not prepared: run data/prepare.sh" -- \
   env BAM_BENCH_DATA="$TMP/none" BUILD="$BUILD" bash -c 'cd "$1" && bench/compare.sh --shape quick --kind dense' _ "$SRC"
+
+expect 2 "compare.sh bad --blas" "option --blas: 'fast' is not one of env auto" -- \
+  env BUILD="$BUILD" bash -c 'cd "$1" && bench/compare.sh --blas fast' _ "$SRC"
+
+# The kernels: `bam version` names the ones OpenBLAS runs; an OPENBLAS_CORETYPE in the
+# environment (this workplace sets one on some machines) is what it must name then.
+"$BUILD/bam" version >"$TMP/out" 2>&1
+kernels=$(sed -n 's/^OpenBLAS kernels: //p' "$TMP/out")
+want=${OPENBLAS_CORETYPE:-}
+if [[ -n $kernels && $kernels != unknown && ( -z $want || ${kernels,,} == "${want,,}" ) ]]; then
+  pass=$((pass + 1)); echo "ok   bam version names the OpenBLAS kernels: $kernels (OPENBLAS_CORETYPE '${want}')"
+else
+  fail=$((fail + 1)); echo "FAIL bam version: kernels '$kernels', OPENBLAS_CORETYPE '$want':"; cat "$TMP/out"
+fi
+PY=${BAM_PYTHON:-/usr/bin/python3}
+if "$PY" -c 'import torch' 2>/dev/null; then
+  theirs=$(cd "$SRC" && OMP_NUM_THREADS=1 "$PY" -c 'import sys; sys.argv = ["x", "--params-only"]
+import importlib.util as u
+spec = u.spec_from_file_location("tb", "bench/torch_bench.py"); tb = u.module_from_spec(spec)
+spec.loader.exec_module(tb); print(tb.blas_kernels())' 2>&1 | tail -n 1)
+  if [[ $theirs == "$kernels" ]]; then
+    pass=$((pass + 1)); echo "ok   torch_bench.py's BLAS runs the same kernels: $theirs"
+  else
+    fail=$((fail + 1)); echo "FAIL torch_bench.py reports kernels '$theirs', bam '$kernels'"
+  fi
+fi
 
 # A good command: the state of the quick dense model, per rank of 2, no timing.
 OMP_NUM_THREADS=1 timeout 300 "$B" --shape quick --kind dense --steps 0 --ranks 2 --threads 1 >"$TMP/out" 2>&1
