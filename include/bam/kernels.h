@@ -16,6 +16,9 @@
 /* ---- the kernels OpenBLAS runs ("Haswell", "SkylakeX", "Cooperlake", "Zen", ...): chosen by
  * the library when it loads, from the CPU or from OPENBLAS_CORETYPE (src/kernels/blas.c). */
 const char *bam_blas_kernels(void);
+/* One line for people: the kernels and where the choice came from (OPENBLAS_CORETYPE or the
+ * library), noting when a setting keeps an AVX-512 CPU on AVX2 kernels. */
+void bam_blas_describe(char *buf, size_t n);
 
 /* ---- linear layer: y(n,out) = x(n,in) . W(out,in)^T  (PyTorch nn.Linear layout, no bias) */
 void bam_matmul_forward(float *y, const float *x, const float *w, int n, int in, int out);

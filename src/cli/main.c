@@ -79,8 +79,10 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
-    bam_log("bam %s\nOpenBLAS kernels: %s\nOpenMP threads per rank: %d\n", BAM_VERSION,
-            bam_blas_kernels(), omp_get_max_threads());
+    char blas[256];
+    bam_blas_describe(blas, sizeof blas);
+    bam_log("bam %s\nOpenBLAS kernels: %s\nOpenMP threads per rank: %d\n", BAM_VERSION, blas,
+            omp_get_max_threads());
     MPI_Finalize();
     return 0;
   }

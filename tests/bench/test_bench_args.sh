@@ -52,12 +52,25 @@ expect 2 "compare.sh bad --blas" "option --blas: 'fast' is not one of env auto" 
 # The kernels: `bam version` names the ones OpenBLAS runs; an OPENBLAS_CORETYPE in the
 # environment (this workplace sets one on some machines) is what it must name then.
 "$BUILD/bam" version >"$TMP/out" 2>&1
-kernels=$(sed -n 's/^OpenBLAS kernels: //p' "$TMP/out")
+kernels=$(sed -n 's/^OpenBLAS kernels: \([^ ]*\).*/\1/p' "$TMP/out")
 want=${OPENBLAS_CORETYPE:-}
 if [[ -n $kernels && $kernels != unknown && ( -z $want || ${kernels,,} == "${want,,}" ) ]]; then
   pass=$((pass + 1)); echo "ok   bam version names the OpenBLAS kernels: $kernels (OPENBLAS_CORETYPE '${want}')"
 else
   fail=$((fail + 1)); echo "FAIL bam version: kernels '$kernels', OPENBLAS_CORETYPE '$want':"; cat "$TMP/out"
+fi
+# ... and says when such a setting keeps AVX2 kernels on a CPU with AVX-512 (read here from
+# /proc/cpuinfo, independently of bam's own check).
+avx512=1
+for f in avx512f avx512cd avx512bw avx512dq avx512vl; do grep -qw "$f" /proc/cpuinfo || avx512=0; done
+note=0
+grep -qF "this CPU has AVX-512" "$TMP/out" && note=1
+expect_note=0
+[[ -n $want && $avx512 == 1 && ( ${kernels,,} == haswell || ${kernels,,} == zen ) ]] && expect_note=1
+if [[ $note == "$expect_note" ]] && { [[ -n $want ]] || grep -qF "OpenBLAS's own choice" "$TMP/out"; }; then
+  pass=$((pass + 1)); echo "ok   bam version's note on the kernels' origin (AVX-512 CPU: $avx512, note: $note)"
+else
+  fail=$((fail + 1)); echo "FAIL bam version's note: AVX-512 $avx512, note $note, want $expect_note:"; cat "$TMP/out"
 fi
 PY=${BAM_PYTHON:-/usr/bin/python3}
 if "$PY" -c 'import torch' 2>/dev/null; then
