@@ -26,6 +26,7 @@
 # the mixtures built once under bench/cache/<shape>/ as bench/mixtures.sh builds them;
 # tokens/s from its summary.json, the median over the steps after the first two) beside
 # PyTorch's DistributedDataParallel over gloo.
+# First bam-blas-check checks that the OpenBLAS kernels compute bam's products right.
 # Each row: tokens/s, model GFLOP/s (3 x forward FLOPs per token, docs/method.md section 5),
 # its share of the sgemm ceiling bam-bench measures in the same run (at the row's total thread
 # count), PyTorch's tokens/s and the ratio, peak RSS against what the state needs (params,
@@ -74,7 +75,7 @@ done
 [[ $BLAS == env ]] || unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 PY=${BAM_PYTHON:-/usr/bin/python3}
 "$PY" -c 'import torch' 2>/dev/null || { echo "$PY cannot import torch (apt-get install python3-torch)" >&2; exit 2; }
-for b in bam-bench bam; do
+for b in bam-bench bam bam-blas-check; do
   [[ -n $TABLE_ONLY || -x $BUILD/$b ]] || { echo "no $BUILD/$b: cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2; exit 2; }
 done
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -88,6 +89,11 @@ OUT=bench/results/compare-$HOST.jsonl MD=bench/results/compare-$HOST.md
 TMP=$(mktemp -d /tmp/bam-compare-XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 DATE=$(date -u +%Y-%m-%dT%H:%MZ)
+# Before timing: do the kernels this run gets compute bam's products right? (bench/blas_check.c)
+if [[ -n $SHAPES ]]; then
+  OMP_NUM_THREADS=2 "$BUILD/bam-blas-check" >&2 ||
+    { echo "the OpenBLAS kernels of this run compute wrong products: nothing timed" >&2; exit 1; }
+fi
 
 steps_for() { if [[ -n $STEPS ]]; then echo "$STEPS"; elif [[ $1 == quick ]]; then echo 3; else echo 1; fi; }
 batch_for() { if [[ $1 == quick ]]; then echo 16; else echo 8; fi; }

@@ -25,13 +25,16 @@ case ${BLAS:=env} in
   auto) unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE ;;
   *) echo "BLAS=$BLAS: one of env, auto" >&2; exit 2 ;;
 esac
-if [[ ! -x $BUILD/bam-latency ]]; then
+if [[ ! -x $BUILD/bam-latency || ! -x $BUILD/bam-blas-check ]]; then
   if [[ -f $BUILD/CMakeCache.txt ]]; then
-    cmake --build "$BUILD" --target bam-latency -j "$(nproc)" >/dev/null
+    cmake --build "$BUILD" --target bam-latency bam-blas-check -j "$(nproc)" >/dev/null
   else
     jobs/setup.sh >/dev/null
   fi
 fi
+# before timing: the kernels must compute bam's products right (bench/blas_check.c)
+OMP_NUM_THREADS=2 "$BUILD/bam-blas-check" >&2 ||
+  { echo "the OpenBLAS kernels of this run compute wrong products: nothing timed" >&2; exit 1; }
 # per machine kind: the host name and the widest vector unit (as bench/compare.sh)
 if grep -qw avx512f /proc/cpuinfo; then isa=avx512; elif grep -qw avx2 /proc/cpuinfo; then isa=avx2; else isa=sse; fi
 host=$(hostname)-$isa
@@ -46,7 +49,9 @@ done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 
-python3 - "$jsonl" "$md" "$host" "$started" "$cpu" "$load_before" "$load_after" "$*" <<'PY'
+invocation="bench/latency.sh${*:+ $*}"
+[[ $BLAS == env ]] || invocation="BLAS=$BLAS $invocation"
+python3 - "$jsonl" "$md" "$host" "$started" "$cpu" "$load_before" "$load_after" "$invocation" <<'PY'
 import json, sys
 src, md, host, started, cpu, lb, la, args = sys.argv[1:9]
 latest = {}  # the newest line of every (shape, kind, threads): separate runs compose
@@ -64,7 +69,7 @@ def f(x, nd=1):
     return "-" if x in (None, 0) else f"{x:,.{nd}f}"
 out = [f"# Inference latency on {host}", "",
        f"The newest result of every case in `{src}`; the last invocation was "
-       f"`bench/latency.sh{' ' + args if args else ''}`, started {started} on {cpu}, load "
+       f"`{args}`, started {started} on {cpu}, load "
        f"average (1, 5, 15 min) {lb} before it and {la} after.", "",
        "The paper's case: a prompt of random tokens (256), then greedy tokens (16), batch 1; "
        "medians over the timed runs after a warm-up (runs: with / without the cache). Prefill: "

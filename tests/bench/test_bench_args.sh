@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The benchmark programs (bam-bench, bam-latency) refuse bad options with exit code 2 and a
-# message naming the option and the value, print their usage on --help with exit code 0, and
-# with a good command line do what they say (bam-bench --steps 0: one state line per case);
+# The benchmark programs (bam-bench, bam-latency, bam-blas-check) refuse bad options with exit
+# code 2 and a message naming the option and the value, print their usage on --help with exit
+# code 0, and with a good command line do what they say (bam-bench --steps 0: one state line
+# per case; bam-blas-check: the kernels compute every product of the model right);
 # bench/compare.sh refuses 2-rank rows without their data before timing anything, and a bad
 # --blas; the OpenBLAS kernels bam reports are the ones the environment asks for, and the same
 # as bench/torch_bench.py reports for the BLAS PyTorch loads.
@@ -39,6 +40,13 @@ B=$BUILD/bam-bench
 expect 2 "bam-bench steps out of range" "option --steps: '65' is not an integer in [0, 64]" -- "$B" --steps 65
 expect 2 "bam-bench ranks with timing" "--ranks R > 1 only with --steps 0" -- "$B" --ranks 2 --steps 1
 expect 2 "bam-latency zero runs" "option --runs: '0' is not an integer in [1, 100]" -- "$BUILD/bam-latency" --runs 0
+
+# bam-blas-check: its options, and the kernels of this environment pass it.
+C=$BUILD/bam-blas-check
+expect 0 "bam-blas-check --help" "usage: bam-blas-check" -- "$C" --help
+expect 2 "bam-blas-check unknown option" "unknown option --bogus" -- "$C" --bogus 1
+expect 2 "bam-blas-check zero threads" "option --threads: '0' is not an integer" -- "$C" --threads 0
+expect 0 "bam-blas-check" '"wrong_products":0,"ok":true' -- env OMP_NUM_THREADS=2 "$C"
 
 # bench/compare.sh refuses to start 2-rank rows without their prepared corpus (instead of
 # failing after the 1-rank rows have run).
