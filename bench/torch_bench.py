@@ -351,7 +351,7 @@ def run_case(kind, shape_name, args, rank=0, world=1):
 
 def blas_kernels():
     """The kernels the BLAS torch loaded runs ("Haswell", "Cooperlake", ...) when it is an
-    OpenBLAS (Debian's libblas.so.3 alternatives are), else its file name."""
+    OpenBLAS (Debian's libblas.so.3 alternatives are), else "not OpenBLAS (its file name)"."""
     import ctypes
     libs = sorted({line.split()[-1] for line in open("/proc/self/maps")
                    if "libblas" in line or "openblas" in line})
@@ -362,7 +362,7 @@ def blas_kernels():
             continue
         fn.restype = ctypes.c_char_p
         return fn().decode()
-    return os.path.basename(libs[0]) if libs else "unknown"
+    return f"not OpenBLAS ({os.path.basename(libs[0])})" if libs else "not OpenBLAS (unknown)"
 
 
 def cases(args):
