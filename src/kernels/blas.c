@@ -31,14 +31,14 @@ static int cpu_has_avx512(void) {
 
 void bam_blas_describe(char *buf, size_t n) {
   const char *name = bam_blas_kernels(), *forced = getenv("OPENBLAS_CORETYPE");
-  const int avx2_only = !strcasecmp(name, "haswell") || !strcasecmp(name, "zen");
-  if (forced && forced[0] && avx2_only && cpu_has_avx512())
-    snprintf(buf, n,
-             "%s (set by OPENBLAS_CORETYPE=%s; this CPU has AVX-512, which OpenBLAS's own "
-             "choice would use: up to 2x faster products where its builds are trusted)",
-             name, forced);
-  else if (forced && forced[0])
-    snprintf(buf, n, "%s (set by OPENBLAS_CORETYPE=%s)", name, forced);
-  else
+  if (!forced || !forced[0]) {
     snprintf(buf, n, "%s (OpenBLAS's own choice for this CPU)", name);
+    return;
+  }
+  const int avx2_only = !strcasecmp(name, "haswell") || !strcasecmp(name, "zen");
+  snprintf(buf, n, "%s (set by OPENBLAS_CORETYPE=%s%s)", name, forced,
+           avx2_only && cpu_has_avx512()
+               ? "; this CPU has AVX-512, which OpenBLAS's own choice would use: up to 2x "
+                 "faster products where its builds are trusted"
+               : "");
 }

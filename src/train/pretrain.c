@@ -514,17 +514,15 @@ bam_status bam_pretrain(const bam_config *cfg, const bam_train_opts *opts, MPI_C
   const double flops_per_step = 3.0 * bam_net_flops_per_token(&t.net, T) * (double)tokens_per_step;
   const int last = opts && opts->stop_after > 0 && opts->stop_after < cfg->steps ? opts->stop_after
                                                                                  : cfg->steps;
-  if (t.step >= last)
+  if (t.step >= last) {
     bam_log("training: nothing left to train (step %d of %d done)\n", t.step, cfg->steps);
-  else
-    bam_log("training: steps %d..%d of %d, %lld tokens a step (%d seq x %d micro-batches x %d "
-            "tokens) on %d rank%s x %d thread%s\n", t.step + 1, last, cfg->steps,
-            (long long)tokens_per_step, cfg->batch_size, cfg->grad_accum, T, t.world,
-            t.world > 1 ? "s" : "", omp_threads(), omp_threads() > 1 ? "s" : "");
-  if (t.step < last) {
+  } else {
     char blas[256];
     bam_blas_describe(blas, sizeof blas);
-    bam_log("OpenBLAS kernels: %s\n", blas);
+    bam_log("training: steps %d..%d of %d, %lld tokens a step (%d seq x %d micro-batches x %d "
+            "tokens) on %d rank%s x %d thread%s\nOpenBLAS kernels: %s\n", t.step + 1, last,
+            cfg->steps, (long long)tokens_per_step, cfg->batch_size, cfg->grad_accum, T, t.world,
+            t.world > 1 ? "s" : "", omp_threads(), omp_threads() > 1 ? "s" : "", blas);
   }
   struct sigaction sa = {0}, old_term, old_int;
   sa.sa_handler = on_signal;
