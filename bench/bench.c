@@ -7,7 +7,9 @@
  *
  * Prints one JSON line per measurement: first the cblas_sgemm GFLOP/s on square 2048 and on
  * each matrix shape the model's training step uses, then, per model kind and shape, the
- * median training-step time over N timed steps (after 2 warm-up steps), tokens/s, model FLOP/s
+ * median training-step time over N timed steps (after 2 warm-up steps) and of its three phases
+ * (forward_s: zeroing the gradients, forward and loss; backward_s; update_s: gradient clipping
+ * and AdamW), tokens/s, model FLOP/s
  * (3 x forward FLOPs per token, method.md section 5, only the experts a token uses), its share
  * of the best sgemm rate, and the peak resident memory of the process so far (VmHWM).
  * Random tokens: throughput does not depend on the data.
@@ -155,29 +157,37 @@ int main(int argc, char **argv) {
       for (int i = 0; i < N; i++) x[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
       for (int i = 0; i < N; i++) y[i] = (int32_t)bam_rng_below(&rng, s->vocab_size);
       const bam_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f};
-      double t[MAX_STEPS];
+      /* the step, and its phases: zero_grad + forward, backward, clip + AdamW */
+      double t[MAX_STEPS], tf[MAX_STEPS], tb[MAX_STEPS], tu[MAX_STEPS];
       for (int r = -warmup; r < steps; r++) {
-        double t0 = bam_now();
+        const double t0 = bam_now();
         float loss;
         bam_net_zero_grad(&net);
-        if (bam_net_forward(&net, x, y, B, T, &loss) != BAM_OK || bam_net_backward(&net, 1.0f) != BAM_OK) {
+        bam_status st = bam_net_forward(&net, x, y, B, T, &loss);
+        const double t1 = bam_now();
+        if (st == BAM_OK) st = bam_net_backward(&net, 1.0f);
+        if (st != BAM_OK) {
           fprintf(stderr, "bam-bench: %s\n", bam_error_message());
           return 1;
         }
+        const double t2 = bam_now();
         bam_clip_grad(net.grads, net.n_params, 1.0);
         bam_adamw_step(net.params, net.grads, am, av, net.tensors, net.n_tensors, 1e-4f, &hp, r + warmup + 1);
-        if (r >= 0) t[r] = bam_now() - t0;
+        const double t3 = bam_now();
+        if (r >= 0) t[r] = t3 - t0, tf[r] = t1 - t0, tb[r] = t2 - t1, tu[r] = t3 - t2;
       }
-      double dt = bam_median(t, steps);
+      const double dt = bam_median(t, steps);
       double flops = 3.0 * bam_net_flops_per_token(&net, T) * N;
       /* what the state needs: params, grads, AdamW m and v, plus the activations */
       double need = (4.0 * net.n_params * sizeof(float) + (double)net.act_bytes) / (1024.0 * 1024.0);
       printf("{\"kind\":\"%s\",\"shape\":\"%s\",\"ranks\":1,\"threads\":%d,\"batch\":%d,"
              "\"seq_len\":%d,\"experts\":%d,\"params\":%zu,\"step_s\":%.4f,\"tokens_per_s\":%.1f,"
              "\"model_gflops\":%.2f,\"sgemm_ceiling_gflops\":%.1f,\"ceiling_share\":%.3f,"
+             "\"forward_s\":%.4f,\"backward_s\":%.4f,\"update_s\":%.4f,"
              "\"peak_rss_mib\":%.0f,\"state_mib\":%.0f,\"blas\":\"%s\"}\n",
              kind_names[k], bc->name, threads, B, T, k ? experts : 1, net.n_params, dt, N / dt,
-             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, bam_peak_rss_mib(), need,
+             flops / dt / 1e9, ceiling, flops / dt / 1e9 / ceiling, bam_median(tf, steps),
+             bam_median(tb, steps), bam_median(tu, steps), bam_peak_rss_mib(), need,
              bam_blas_kernels());
       fflush(stdout);
       bam_free(am), bam_free(av), bam_free(x), bam_free(y);

@@ -22,6 +22,10 @@ void bam_blas_describe(char *buf, size_t n);
 
 /* ---- linear layer: y(n,out) = x(n,in) . W(out,in)^T  (PyTorch nn.Linear layout, no bias) */
 void bam_matmul_forward(float *y, const float *x, const float *w, int n, int in, int out);
+/* y1 = x . W1^T and y2 = x . W2^T, two products of one input and one shape (K and V, gate and
+ * up): side by side, one thread each, when the rank has exactly two OpenMP threads. */
+void bam_matmul_forward2(float *y1, const float *w1, float *y2, const float *w2, const float *x,
+                         int n, int in, int out);
 /* dx(n,in) += dy(n,out) . W(out,in);   dw(out,in) += dy(n,out)^T . x(n,in) */
 void bam_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                          int n, int in, int out);

@@ -648,8 +648,7 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
   /* One K/V for every expert (BTX, shared KV): project once. */
   if (z->nKV == 1) {
     float *k = k_of(m, z, l, 0), *v = v_of(m, z, l, 0);
-    bam_matmul_forward(k, hA, wk_of(P, z, l, 0), NA, d, kvd);
-    bam_matmul_forward(v, hA, wv_of(P, z, l, 0), NA, d, kvd);
+    bam_matmul_forward2(k, wk_of(P, z, l, 0), v, wv_of(P, z, l, 0), hA, NA, d, kvd);
     bam_rope_forward(k, cs, sn, BA, T, z->Hkv, z->hd, 0);
   }
   for (int j = z->a0; j < z->a0 + z->nAl; j++) {
@@ -660,8 +659,7 @@ static void attention_forward(bam_mixture *m, const dims *z, int l, int B, int T
     bam_matmul_forward(q, hA, wq_of(P, z, l, j), NA, d, d);
     bam_rope_forward(q, cs, sn, BA, T, z->H, z->hd, 0);
     if (z->nKV > 1) {
-      bam_matmul_forward(k, hA, wk_of(P, z, l, jk), NA, d, kvd);
-      bam_matmul_forward(v, hA, wv_of(P, z, l, jk), NA, d, kvd);
+      bam_matmul_forward2(k, wk_of(P, z, l, jk), v, wv_of(P, z, l, jk), hA, NA, d, kvd);
       bam_rope_forward(k, cs, sn, BA, T, z->Hkv, z->hd, 0);
     }
     bam_attention_forward(att, lse_of(m, z, l, j), a->att_scratch, q, k, v, BA, T, z->H, z->Hkv,
@@ -939,8 +937,8 @@ static void moe_forward(bam_mixture *m, const dims *z, int l, int B, int T, floa
   for (int e = 0; e < z->Ef; e++) {
     const int r0 = x.disp_off[e], n = x.disp_off[e + 1] - r0;
     const float *xe = a->xg + (size_t)r0 * d;
-    bam_matmul_forward(x.gate + (size_t)r0 * f, xe, ffn_w_of(a->p.w_gate, z, l, e), n, d, f);
-    bam_matmul_forward(x.up + (size_t)r0 * f, xe, ffn_w_of(a->p.w_up, z, l, e), n, d, f);
+    bam_matmul_forward2(x.gate + (size_t)r0 * f, ffn_w_of(a->p.w_gate, z, l, e),
+                        x.up + (size_t)r0 * f, ffn_w_of(a->p.w_up, z, l, e), xe, n, d, f);
   }
   bam_swiglu_forward(x.swi, x.gate, x.up, (long)n_rows * f);
   for (int e = 0; e < z->Ef; e++) {
@@ -1125,8 +1123,8 @@ static void moe_forward_ep(bam_mixture *m, const dims *z, int l, int B, int T, f
   for (int e = 0; e < El; e++) {
     const int r0 = eoff[e], n = eoff[e + 1] - r0, ge = z->f0 + e;
     const float *xe = x.xr + (size_t)r0 * d;
-    bam_matmul_forward(x.gate + (size_t)r0 * f, xe, ffn_w_of(a->p.w_gate, z, l, ge), n, d, f);
-    bam_matmul_forward(x.up + (size_t)r0 * f, xe, ffn_w_of(a->p.w_up, z, l, ge), n, d, f);
+    bam_matmul_forward2(x.gate + (size_t)r0 * f, ffn_w_of(a->p.w_gate, z, l, ge),
+                        x.up + (size_t)r0 * f, ffn_w_of(a->p.w_up, z, l, ge), xe, n, d, f);
   }
   bam_swiglu_forward(x.swi, x.gate, x.up, (long)nr * f);
   for (int e = 0; e < El; e++) {

@@ -284,16 +284,14 @@ bam_status bam_model_forward(bam_model *m, const int32_t *tokens, const int32_t 
       const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
       if (tid == 1 || nt == 1) { /* attention branch */
         bam_matmul_forward(x.q, x.h, w.wq, BT, d, d);
-        bam_matmul_forward(x.k, x.h, w.wk, BT, d, kvd);
-        bam_matmul_forward(x.v, x.h, w.wv, BT, d, kvd);
+        bam_matmul_forward2(x.k, w.wk, x.v, w.wv, x.h, BT, d, kvd);
         bam_rope_forward(x.q, m->rope_cos, m->rope_sin, B, T, H, hd, 0);
         bam_rope_forward(x.k, m->rope_cos, m->rope_sin, B, T, Hkv, hd, 0);
         bam_attention_forward(x.att, x.lse, a->att_scratch, x.q, x.k, x.v, B, T, H, Hkv, hd);
         bam_matmul_forward(x.x_next, x.att, w.wo, BT, d, d); /* a, summed below */
       }
       if (tid == 0) { /* FFN branch, reading the same h (parallel block) */
-        bam_matmul_forward(x.gate, x.h, w.w_gate, BT, d, f);
-        bam_matmul_forward(x.up, x.h, w.w_up, BT, d, f);
+        bam_matmul_forward2(x.gate, w.w_gate, x.up, w.w_up, x.h, BT, d, f);
         bam_swiglu_forward(x.swi, x.gate, x.up, (long)BT * f);
         bam_matmul_forward(ffn_out, x.swi, w.w_down, BT, f, d);
       }

@@ -114,6 +114,16 @@ static int bitwise_equal(const float *a, const float *b, size_t n) {
   return memcmp(a, b, n * sizeof(float)) == 0;
 }
 
+/* max_i |a_i - b_i| / max(max_i |b_i|, 1e-30): rounding-level differences only */
+static double max_rel_diff(const float *a, const float *b, size_t n) {
+  double d = 0.0, m = 1e-30;
+  for (size_t i = 0; i < n; i++) {
+    d = fmax(d, fabs((double)a[i] - b[i]));
+    m = fmax(m, fabs((double)b[i]));
+  }
+  return d / m;
+}
+
 /* ===================================== matmul ===================================== */
 typedef struct {
   int n, in, out;
@@ -151,11 +161,33 @@ static void test_matmul(int n, int in, int out, int fd) {
   bam_matmul_backward(dx2, dw2, c.R, c.x, c.w, n, in, out);
   check_twice("matmul dx", dx2, dx, (size_t)n * in);
   check_twice("matmul dw", dw2, dw, (size_t)out * in);
-  float *dx3 = zeros((size_t)n * in);
+  /* NULL skips a gradient and leaves the other as it was: bitwise on one thread; on exactly
+   * two the pair runs side by side (one thread each) and a lone product over both threads,
+   * which OpenBLAS may round differently */
+  float *dx3 = zeros((size_t)n * in), *dw3 = zeros((size_t)out * in);
   bam_matmul_backward(dx3, NULL, c.R, c.x, c.w, n, in, out);
-  T_CHECK(bitwise_equal(dx3, dx, (size_t)n * in), "matmul dx with dw=NULL differs");
+  bam_matmul_backward(NULL, dw3, c.R, c.x, c.w, n, in, out);
+  const int two = omp_get_max_threads() == 2;
+  T_CHECK(two ? max_rel_diff(dx3, dx, (size_t)n * in) < 1e-6 : bitwise_equal(dx3, dx, (size_t)n * in),
+          "matmul dx with dw=NULL differs (%d threads): %.3g", omp_get_max_threads(),
+          max_rel_diff(dx3, dx, (size_t)n * in));
+  T_CHECK(two ? max_rel_diff(dw3, dw, (size_t)out * in) < 1e-6 : bitwise_equal(dw3, dw, (size_t)out * in),
+          "matmul dw with dx=NULL differs (%d threads): %.3g", omp_get_max_threads(),
+          max_rel_diff(dw3, dw, (size_t)out * in));
+  /* two products of one input: each as bam_matmul_forward computes it (to rounding on two
+   * threads, as above) */
+  float *w2 = randn((size_t)out * in, 0, 1), *y1 = zeros((size_t)n * out), *y2 = zeros((size_t)n * out);
+  float *y2ref = zeros((size_t)n * out);
+  bam_matmul_forward2(y1, c.w, y2, w2, c.x, n, in, out);
+  bam_matmul_forward(c.y, c.x, c.w, n, in, out); /* (the finite differences left it perturbed) */
+  bam_matmul_forward(y2ref, c.x, w2, n, in, out);
+  T_CHECK(two ? max_rel_diff(y1, c.y, (size_t)n * out) < 1e-6 : bitwise_equal(y1, c.y, (size_t)n * out),
+          "matmul forward2's first product differs: %.3g", max_rel_diff(y1, c.y, (size_t)n * out));
+  T_CHECK(two ? max_rel_diff(y2, y2ref, (size_t)n * out) < 1e-6 : bitwise_equal(y2, y2ref, (size_t)n * out),
+          "matmul forward2's second product differs: %.3g", max_rel_diff(y2, y2ref, (size_t)n * out));
   bam_free(c.x), bam_free(c.w), bam_free(c.y), bam_free(c.R);
-  bam_free(dx), bam_free(dw), bam_free(dx2), bam_free(dw2), bam_free(dx3);
+  bam_free(dx), bam_free(dw), bam_free(dx2), bam_free(dw2), bam_free(dx3), bam_free(dw3);
+  bam_free(w2), bam_free(y1), bam_free(y2), bam_free(y2ref);
 }
 
 /* ==================================== layernorm =================================== */
@@ -706,8 +738,17 @@ int main(void) {
   bam_rng_seed(&rng, 1234, 0);
   printf("tolerance |analytic - numeric| <= %g + %g |numeric|, step %g\n", FD_ATOL, FD_RTOL,
          (double)FD_H);
-  test_matmul(7, 16, 12, 1);
-  test_matmul(67, 130, 45, 0); /* forward vs triple loop at a size OpenBLAS blocks */
+  {
+    /* one thread, and two: the backward's products (and bam_matmul_forward2's) side by side */
+    const int saved_nt = omp_get_max_threads();
+    for (int nt = 1; nt <= 2; nt++) {
+      omp_set_num_threads(nt);
+      test_matmul(7, 16, 12, nt == 1);
+      test_matmul(67, 130, 45, 0);   /* forward vs triple loop at a size OpenBLAS blocks */
+      test_matmul(300, 260, 200, 0); /* one OpenBLAS splits over two threads */
+    }
+    omp_set_num_threads(saved_nt);
+  }
   test_layernorm();
   test_rope();
   test_attention(2, 5, 4, 2, 8, 4096);  /* GQA */
