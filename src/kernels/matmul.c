@@ -14,7 +14,7 @@
  * bam_matmul_forward2) therefore run side by side, one thread each, when the rank has exactly
  * two threads: a single-threaded sgemm keeps its core at the kernel's peak, where one product
  * split over two cores loses to the split and the synchronisation (a paper-small BTX step's
- * backward on 2 threads: 1.92 -> 1.81 s). With more threads each product would get one of
+ * backward on 2 threads: 1.92 -> 1.73-1.89 s). With more threads each product would get one of
  * them, so they run one after the other, each over all threads. */
 #include <cblas.h>
 #include <omp.h>
