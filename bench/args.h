@@ -16,8 +16,8 @@ static const char *const BENCH_KINDS[] = {"dense", "btx", "bam", "bam-shared-kv"
 /* The option argv[*i] and its value, advancing *i to the value. 1 with *opt and *v set;
  * otherwise 0 with *rc the exit code: 0 after printing the usage for --help or -h, 2 after a
  * message for a stray argument (the usage follows) or a missing value. */
-static inline int bench_option(const char *prog, int argc, char **argv, int *i, int (*usage)(FILE *),
-                        const char **opt, const char **v, int *rc) {
+static inline int bench_option(const char *prog, int argc, char **argv, int *i,
+                               int (*usage)(FILE *), const char **opt, const char **v, int *rc) {
   *opt = argv[*i];
   if (!strcmp(*opt, "--help") || !strcmp(*opt, "-h")) {
     *rc = usage(stdout);
@@ -40,7 +40,7 @@ static inline int bench_option(const char *prog, int argc, char **argv, int *i, 
 
 /* 1 and *out set when v is an integer in [lo, hi]; 0 after an error message. */
 static inline int bench_int(const char *prog, const char *opt, const char *v, long lo, long hi,
-                     int *out) {
+                            int *out) {
   char *end;
   errno = 0;
   const long x = strtol(v, &end, 10);
@@ -54,7 +54,7 @@ static inline int bench_int(const char *prog, const char *opt, const char *v, lo
 
 /* 1 when v is one of the NULL-terminated names; 0 after an error message listing them. */
 static inline int bench_choice(const char *prog, const char *opt, const char *v,
-                        const char *const *names) {
+                               const char *const *names) {
   for (int k = 0; names[k]; k++)
     if (!strcmp(v, names[k])) return 1;
   fprintf(stderr, "%s: option %s: '%s' is not one of", prog, opt, v);

@@ -40,12 +40,9 @@ void bam_matmul_forward(float *y, const float *x, const float *w, int n, int in,
 void bam_matmul_forward2(float *y1, const float *w1, float *y2, const float *w2, const float *x,
                          int n, int in, int out) {
   if (n <= 0 || out <= 0) return;
-  if (!side_by_side()) {
-    product_nt(y1, x, w1, n, in, out);
-    product_nt(y2, x, w2, n, in, out);
-    return;
-  }
-#pragma omp parallel sections num_threads(2)
+  /* one thread each when side by side; otherwise the region is inactive and its thread runs
+   * the two products in turn, each over the whole pool */
+#pragma omp parallel sections num_threads(2) if (side_by_side())
   {
 #pragma omp section
     product_nt(y1, x, w1, n, in, out);
@@ -54,29 +51,18 @@ void bam_matmul_forward2(float *y1, const float *w1, float *y2, const float *w2,
   }
 }
 
-static void backward_dx(float *dx, const float *dy, const float *w, int n, int in, int out) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in, 1.0f,
-              dx, in);
-}
-
-static void backward_dw(float *dw, const float *dy, const float *x, int n, int in, int out) {
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 1.0f, dw,
-              in);
-}
-
 void bam_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                          int n, int in, int out) {
   if (n <= 0 || in <= 0 || out <= 0) return; /* nothing to add */
-  if (dx && dw && side_by_side()) {
-#pragma omp parallel sections num_threads(2)
-    {
+#pragma omp parallel sections num_threads(2) if (dx && dw && side_by_side())
+  {
 #pragma omp section
-      backward_dx(dx, dy, w, n, in, out);
+    if (dx)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in,
+                  1.0f, dx, in);
 #pragma omp section
-      backward_dw(dw, dy, x, n, in, out);
-    }
-    return;
+    if (dw)
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 1.0f,
+                  dw, in);
   }
-  if (dx) backward_dx(dx, dy, w, n, in, out);
-  if (dw) backward_dw(dw, dy, x, n, in, out);
 }

@@ -62,6 +62,7 @@ int main(void) {
 
   /* large buffers: 2 MiB aligned, zeroed, resident memory within what was asked for */
   const size_t MiB = (size_t)1 << 20;
+  const int thp = thp_offered();
   const size_t sizes[] = {8 * MiB, 8 * MiB + 12345, 21 * MiB + 64, 40 * MiB - 4096};
   for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
     const size_t n = sizes[s];
@@ -79,14 +80,14 @@ int main(void) {
     T_CHECK(rss >= asked_kib && rss <= asked_kib + 64,
             "bam_alloc(%zu): %ld KiB resident, asked %ld", n, rss, asked_kib);
     const long whole_kib = (long)(n / (2 * MiB) * 2 * 1024);
-    if (thp_offered())
+    if (thp)
       T_CHECK(huge > 0 && huge <= whole_kib,
               "bam_alloc(%zu): %ld KiB on huge pages, want some and at most the %ld KiB of whole "
               "2 MiB pieces", n, huge, whole_kib);
     else
       T_CHECK(huge == 0, "bam_alloc(%zu): %ld KiB on huge pages while THP is off", n, huge);
     printf("bam_alloc(%zu): %ld KiB resident, %ld KiB of it on huge pages (THP offered: %d)\n", n,
-           rss, huge, thp_offered());
+           rss, huge, thp);
     bam_free(p);
   }
   BAM_TEST_END();
